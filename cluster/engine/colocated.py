@@ -1,0 +1,224 @@
+"""``ColocatedEngine``: encode, prefill and decode in one process, with continuous batching.
+
+The baseline every benchmark compares against, and the engine for small single-device
+deployments. One step::
+
+    encode media of newly added requests (one tower forward for all of them)
+    batch = scheduler.schedule()          # decodes + prefill chunks under a token budget
+    tokens = runner.execute(batch)        # one LM forward, sampling where a sequence is complete
+    outputs = postprocess(batch, tokens)  # append, detokenize, stop checks, free finished
+
+New requests join the running batch between steps; nothing waits for the batch to drain.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from cluster.config import EngineConfig
+from cluster.engine.block_manager import BlockManager
+from cluster.engine.detokenizer import IncrementalDetokenizer
+from cluster.engine.encoder_runner import EncoderRunner
+from cluster.engine.inputs import InputPreparer, PreparedRequest
+from cluster.engine.model_runner import ModelRunner
+from cluster.engine.request import MediaSlot, Request, RequestStatus
+from cluster.engine.sampling import SamplingParams
+from cluster.engine.scheduler import Scheduler, SchedulerConfig
+from models.paged_attention import KVCacheSpec
+from models.loader import load_model, resolve_model_path
+from models.processor import MediaInput, MultimodalProcessor
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (a streaming delta)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text: str  # text delta
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    """A finished request, for non-streaming callers."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    ttft_s: float
+    tpot_s: float
+    e2e_s: float
+
+
+def eos_token_ids(model_dir, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    except OSError:
+        pass
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def resolve_engine_model(config: EngineConfig):
+    if config.model:
+        return resolve_model_path(config.model)
+    from models.tiny import ensure_tiny_model  # the built-in default, built once and cached
+
+    return ensure_tiny_model()
+
+
+def num_kv_blocks(config: EngineConfig, lm) -> int:
+    spec = KVCacheSpec(lm.num_layers, 1, config.block_size, lm.num_kv_heads, lm.head_dim, config.torch_dtype)
+    return max(2, int(config.kv_cache_memory_gb * 2**30 // spec.bytes_per_block))
+
+
+def resolve_max_model_len(config: EngineConfig, text_config, num_blocks: int) -> int:
+    limit = text_config.max_position_embeddings
+    if config.max_model_len:
+        if config.max_model_len > limit:
+            raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's {limit} positions")
+        limit = config.max_model_len
+    return min(limit, num_blocks * config.block_size)
+
+
+class ColocatedEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_dir = resolve_engine_model(config)
+        self.model = load_model(self.model_dir, dtype=config.torch_dtype, device=config.device)
+        self.processor = MultimodalProcessor(self.model_dir, self.model.config)
+        self.tokenizer = self.processor.tokenizer
+        self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
+        lm = self.model.language_model
+        num_blocks = num_kv_blocks(config, lm)
+        self.runner = ModelRunner(lm, num_blocks, config.block_size, config.torch_dtype, config.device)
+        self.max_model_len = resolve_max_model_len(config, self.model.text_config, num_blocks)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.blocks)
+        self.encoder = EncoderRunner(self.model, self.processor, config.device)
+        self.inputs = InputPreparer(self.processor, config.limits.media(), self.max_model_len,
+                                    config.limits.max_tokens)
+        self._to_encode: list[PreparedRequest] = []
+        self._requests: dict[str, Request] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+
+    # -- request API -------------------------------------------------------------------------
+    def add_request(self, prompt: str, media: list[MediaInput] = (), sampling: SamplingParams = SamplingParams(),
+                    request_id: str | None = None) -> str:
+        """Validate and queue a request (raises ``InvalidRequestError``); encoding happens in
+        the next ``step`` together with the other new requests' media."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._requests or any(p.request_id == request_id for p in self._to_encode):
+            raise ValueError(f"duplicate request id {request_id!r}")
+        self._to_encode.append(self.inputs.prepare(request_id, prompt, list(media), sampling))
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        for p in self._to_encode:
+            if p.request_id == request_id:
+                self._to_encode.remove(p)
+                return True
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+        self._detok.pop(request_id, None)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._to_encode) or self.scheduler.num_unfinished > 0
+
+    # -- the loop ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        self._encode_pending()
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        tokens = self.runner.execute(batch)
+        return self._postprocess(batch.requests, batch.num_new_tokens, tokens)
+
+    def _encode_pending(self) -> None:
+        pending, self._to_encode = self._to_encode, []
+        embeddings: dict[tuple[str, int], torch.Tensor] = {}
+        for modality in ("image", "audio"):
+            keys = [(p.request_id, i) for p in pending for i, m in enumerate(p.media) if m.modality == modality]
+            items = [p.media[i] for p in pending for i, m in enumerate(p.media) if m.modality == modality]
+            embeddings.update(zip(keys, self.encoder.encode(items)))
+        for p in pending:
+            slots = [MediaSlot(off, embeddings[(p.request_id, i)]) for i, off in enumerate(p.plan.media_offsets)]
+            req = Request(p.request_id, p.plan.prompt_token_ids, p.sampling, slots, self.eos_token_ids)
+            self._requests[req.request_id] = req
+            self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, p.sampling.stop)
+            self.scheduler.add(req)
+
+    def _postprocess(self, requests: list[Request], num_new: list[int], tokens: list[int | None]):
+        outputs = []
+        for req, n, tok in zip(requests, num_new, tokens):
+            req.num_computed_tokens += n
+            if tok is None:
+                continue
+            req.append_token(tok)
+            detok = self._detok[req.request_id]
+            detok.push([tok])
+            status = RequestStatus.FINISHED_STOPPED if detok.stopped else req.check_stop(self.max_model_len)
+            if status is not None:
+                self.scheduler.finish(req, status)
+                del self._requests[req.request_id], self._detok[req.request_id]
+            outputs.append(RequestOutput(
+                req.request_id, [tok], detok.take(final=status is not None), status is not None,
+                status.value if status else None, req.num_prompt_tokens, len(req.output_token_ids)))
+        return outputs
+
+    # -- convenience for the CLI, tests and benchmarks ---------------------------------------
+    def generate(self, prompts: list[tuple[str, list[MediaInput], SamplingParams]]) -> list[Completion]:
+        """Run a set of requests to completion, all admitted at once (continuous batching)."""
+        start = time.perf_counter()
+        ids = [self.add_request(p, m, s) for p, m, s in prompts]
+        state = {i: {"tokens": [], "text": [], "ttft": None} for i in ids}
+        done: dict[str, Completion] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                st = state[out.request_id]
+                st["tokens"] += out.new_token_ids
+                st["text"].append(out.text)
+                if st["ttft"] is None:
+                    st["ttft"] = time.perf_counter() - start
+                if out.finished:
+                    e2e = time.perf_counter() - start
+                    n = len(st["tokens"])
+                    done[out.request_id] = Completion(
+                        out.request_id, "".join(st["text"]), st["tokens"], out.finish_reason,
+                        out.num_prompt_tokens, st["ttft"], (e2e - st["ttft"]) / max(n - 1, 1), e2e)
+        return [done[i] for i in ids]
+
+    def stream(self, prompt: str, media: list[MediaInput] = (),
+               sampling: SamplingParams = SamplingParams()) -> Iterator[RequestOutput]:
+        rid = self.add_request(prompt, media, sampling)
+        while self.has_unfinished():
+            for out in self.step():
+                if out.request_id == rid:
+                    yield out
+                    if out.finished:
+                        return
+
+    @property
+    def kv_blocks_in_use(self) -> int:
+        return self.blocks.num_used_blocks
+

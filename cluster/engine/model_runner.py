@@ -1,0 +1,73 @@
+"""``ModelRunner``: executes one scheduled step of the language model over the paged KV cache.
+
+It owns the cache tensor and turns a ``ScheduledBatch`` into the packed inputs the model takes:
+token embeddings with media embeddings spliced in at their placeholder positions, positions,
+slot mapping and block tables (``AttentionMetadata``). It samples for the requests whose step
+reaches the end of their tokens and returns those tokens; it changes no request state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cluster.engine.request import Request
+from cluster.engine.sampling import sample
+from cluster.engine.scheduler import ScheduledBatch
+from models.llm import CausalLM
+from models.paged_attention import AttentionMetadata, KVCacheSpec
+
+
+class ModelRunner:
+    def __init__(self, lm: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.lm = lm
+        self.device = torch.device(device)
+        self.spec = KVCacheSpec(
+            num_layers=lm.num_layers, num_blocks=num_blocks, block_size=block_size,
+            num_kv_heads=lm.num_kv_heads, head_dim=lm.head_dim, dtype=dtype,
+        )
+        # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+        self.kv_cache = self.spec.allocate(self.device)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> list[int | None]:
+        """Run one step; returns the sampled token per request (None: mid-prefill chunk)."""
+        starts = [r.num_computed_tokens for r in batch.requests]
+        ends = [s + n for s, n in zip(starts, batch.num_new_tokens)]
+        token_ids = [t for r, s, e in zip(batch.requests, starts, ends) for t in r.all_token_ids[s:e]]
+        embeds = self.lm.embed(torch.tensor(token_ids, dtype=torch.int64, device=self.device))
+        row = 0
+        for req, s, e in zip(batch.requests, starts, ends):
+            self._splice_media(embeds[row: row + e - s], req, s, e)
+            row += e - s
+
+        meta = AttentionMetadata.build(
+            query_lens=batch.num_new_tokens, context_lens=ends,
+            block_tables=[r.block_ids for r in batch.requests],
+            block_size=self.spec.block_size, device=self.device,
+        )
+        hidden = self.lm(embeds, meta, self.kv_cache)  # [T, hidden]
+
+        # Sample only for requests whose step covered all their tokens.
+        last_rows, samplers, sampled_idx = [], [], []
+        row = 0
+        for i, (req, s, e) in enumerate(zip(batch.requests, starts, ends)):
+            row += e - s
+            if e == req.num_tokens:
+                last_rows.append(row - 1)
+                samplers.append(req.sampler)
+                sampled_idx.append(i)
+        out: list[int | None] = [None] * len(batch)
+        if last_rows:
+            logits = self.lm.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
+            for i, tok in zip(sampled_idx, sample(logits, samplers)):
+                out[i] = tok
+        return out
+
+    @staticmethod
+    def _splice_media(embeds: torch.Tensor, req: Request, start: int, end: int) -> None:
+        """Overwrite placeholder rows of positions [start, end) with the media embeddings."""
+        for slot in req.media:
+            lo, hi = max(start, slot.offset), min(end, slot.offset + slot.length)
+            if lo < hi:
+                embeds[lo - start: hi - start] = slot.embeddings[lo - slot.offset: hi - slot.offset].to(embeds.dtype)

@@ -1,0 +1,104 @@
+"""One request's state inside an engine (colocated, prefill or decode worker).
+
+Lifecycle::
+
+    WAITING ──admit (blocks allocated)──▶ RUNNING ──stop condition──▶ FINISHED_{STOPPED,LENGTH}
+       ▲                                     │ └──abort / error──────▶ FINISHED_{ABORTED,ERROR}
+       └──────preempted (blocks freed)───────┘
+
+Every step processes ``all_token_ids[num_computed_tokens : num_computed_tokens + n]`` for each
+scheduled request: a prefill chunk (n up to the token budget) or one decode token (n = 1) are the
+same operation. When a step reaches the end of ``all_token_ids`` a token is sampled and appended.
+A request that arrives with its KV already computed elsewhere (disaggregated decode) starts in
+RUNNING with ``num_computed_tokens = len(prompt)`` and its first token in ``output_token_ids``.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from cluster.engine.sampling import SamplerState, SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"
+
+    @property
+    def is_finished(self) -> bool:
+        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
+
+
+@dataclass(frozen=True)
+class MediaSlot:
+    """Where one media item's embeddings go in the prompt."""
+
+    offset: int  # index of its first placeholder token in prompt_token_ids
+    embeddings: torch.Tensor  # [num_tokens, lm_hidden], on the LM's device/dtype
+
+    @property
+    def length(self) -> int:
+        return self.embeddings.shape[0]
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    media: list[MediaSlot] = field(default_factory=list)
+    eos_token_ids: frozenset[int] = frozenset()
+    output_token_ids: list[int] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose KV is in this worker's cache
+    status: RequestStatus = RequestStatus.WAITING
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    num_preemptions: int = 0
+    sampler: SamplerState = field(init=False)
+
+    def __post_init__(self):
+        self.sampler = SamplerState.create(self.sampling)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens whose KV must still be computed before the next sample."""
+        return self.num_tokens - self.num_computed_tokens
+
+    def append_token(self, token_id: int) -> None:
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+        self.output_token_ids.append(token_id)
+
+    def check_stop(self, max_model_len: int) -> RequestStatus | None:
+        """Token-level stop conditions after the last appended token (stop *strings* are the
+        detokenizer's: they need text)."""
+        last = self.output_token_ids[-1]
+        p = self.sampling
+        if not p.ignore_eos and last in self.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if last in p.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if len(self.output_token_ids) >= p.max_tokens or self.num_tokens >= max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

@@ -1,0 +1,111 @@
+"""Sampling parameters (validated once, at the front door) and the batched sampler.
+
+Semantics follow vLLM's ``SamplingParams``: ``temperature == 0`` is greedy; ``top_k <= 0`` and
+``top_p == 1`` disable those filters; ``seed`` makes one request's sampling reproducible whatever
+else shares its batch (each seeded request owns a ``torch.Generator``); ``ignore_eos`` keeps going
+past EOS until ``max_tokens``; ``stop`` strings end the output before the match (the match itself
+is not returned), ``stop_token_ids`` end it after the token (not returned in the text either).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+
+
+class InvalidRequestError(ValueError):
+    """A request a client sent is malformed; maps to gRPC INVALID_ARGUMENT / HTTP 400."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, max_tokens_limit: int, vocab_size: int) -> "SamplingParams":
+        """Raise ``InvalidRequestError`` with a message a user can act on; return self."""
+
+        def bad(msg: str):
+            raise InvalidRequestError(msg)
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.max_tokens > max_tokens_limit:
+            bad(f"max_tokens={self.max_tokens} exceeds the limit of {max_tokens_limit}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            bad(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k < 0 or self.top_k > vocab_size:
+            bad(f"top_k must be in [0, {vocab_size}] (0 disables it), got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            bad(f"seed must be in [0, 2^63), got {self.seed}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            bad(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
+        for s in self.stop:
+            if not s or len(s) > MAX_STOP_STRING_CHARS:
+                bad(f"stop strings must be 1..{MAX_STOP_STRING_CHARS} characters long")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            bad(f"at most {MAX_STOP_TOKEN_IDS} stop token ids are allowed")
+        for t in self.stop_token_ids:
+            if not 0 <= t < vocab_size:
+                bad(f"stop token id {t} is outside the vocabulary [0, {vocab_size})")
+        return self
+
+
+@dataclass
+class SamplerState:
+    """Per-request sampling state that must survive across steps (and preemption)."""
+
+    params: SamplingParams
+    generator: torch.Generator | None = field(default=None)
+
+    @classmethod
+    def create(cls, params: SamplingParams) -> "SamplerState":
+        gen = None
+        if params.seed is not None and not params.is_greedy:
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(params.seed)
+        return cls(params, gen)
+
+
+def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[int]:
+    """Pick one token per row. logits: [B, vocab] float32 -> B token ids."""
+    greedy = logits.argmax(dim=-1).tolist()
+    if all(s.params.is_greedy for s in states):
+        return greedy
+    out = []
+    for row, state in enumerate(states):
+        p = state.params
+        if p.is_greedy:
+            out.append(greedy[row])
+            continue
+        scores = logits[row] / p.temperature
+        if 0 < p.top_k < scores.numel():
+            kth = torch.topk(scores, p.top_k).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=True)
+            probs = torch.softmax(sorted_scores, dim=-1)
+            # Drop a token when the mass before it already reaches top_p (the first always stays).
+            drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
+            scores = scores.scatter(0, order[drop], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out.append(int(torch.multinomial(probs.cpu(), 1, generator=state.generator)))
+    return out

@@ -1,0 +1,138 @@
+"""``Scheduler``: decides which requests run in the next step and how many tokens each.
+
+One policy for every engine role (vLLM v1 style, token-budgeted):
+
+1. running requests that are decoding get one token each (oldest first); when the cache has no
+   block for a decode, the newest running request is preempted (blocks freed, recomputed later);
+2. running requests part-way through a chunked prefill get their next chunk;
+3. waiting requests are admitted FCFS while the token budget, ``max_num_seqs`` and free blocks
+   allow; a request is admitted with blocks for its whole prompt, so an admitted prefill can never
+   stall for lack of blocks.
+
+Decode rows come first in the batch and prefill rows after, so attention can treat the
+single-token rows as one group (see ``models/paged_attention.py``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from cluster.engine.block_manager import BlockManager
+from cluster.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64  # requests in the running batch
+    max_num_batched_tokens: int = 2048  # new tokens per step (prefill chunk size bound)
+    max_model_len: int = 4096  # prompt + output tokens of one request
+
+
+@dataclass
+class ScheduledBatch:
+    requests: list[Request]
+    num_new_tokens: list[int]  # per request: tokens whose KV this step computes
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    # -- queue management -------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        if self.blocks.blocks_for_tokens(req.num_tokens + 1) > self.blocks.num_blocks:
+            raise ValueError(f"request {req.request_id} needs more KV blocks than the cache has")
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+
+    def add_running(self, req: Request) -> None:
+        """A request whose KV is already in this cache (received from a prefill worker)."""
+        assert req.block_ids and req.num_computed_tokens > 0
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Take a request out of the queues and free its blocks (idempotent)."""
+        if req.status.is_finished:
+            return
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        if req.block_ids:
+            self.blocks.free(req.block_ids)
+            req.block_ids = []
+        req.status = status
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- policy ------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch | None:
+        budget = self.config.max_num_batched_tokens
+        decodes: list[Request] = []
+        prefills: list[tuple[Request, int]] = []
+
+        # 1 + 2: requests already running, oldest first.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            if req.num_pending_tokens == 1:
+                if not self._reserve(req, req.num_tokens):
+                    break  # req itself was preempted
+                decodes.append(req)
+                budget -= 1
+            else:
+                n = min(req.num_pending_tokens, budget)
+                prefills.append((req, n))
+                budget -= n
+            i += 1
+
+        # 3: admit waiting requests FCFS.
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            needed = self.blocks.blocks_for_tokens(req.num_tokens) - len(req.block_ids)
+            if not self.blocks.can_allocate(needed):
+                break
+            self.waiting.popleft()
+            self.blocks.grow(req.block_ids, req.num_tokens)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            n = min(req.num_pending_tokens, budget)
+            prefills.append((req, n))
+            budget -= n
+
+        if not decodes and not prefills:
+            return None
+        return ScheduledBatch(
+            requests=decodes + [r for r, _ in prefills],
+            num_new_tokens=[1] * len(decodes) + [n for _, n in prefills],
+        )
+
+    def _reserve(self, req: Request, num_tokens: int) -> bool:
+        """Make ``req`` hold blocks for ``num_tokens``, preempting the newest running requests
+        if needed. Returns False when ``req`` itself had to be preempted."""
+        while self.blocks.blocks_for_tokens(num_tokens) - len(req.block_ids) > self.blocks.num_free_blocks:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return False
+        self.blocks.grow(req.block_ids, num_tokens)
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.blocks.free(req.block_ids)
+        req.block_ids = []
+        req.num_computed_tokens = 0  # recompute prompt + outputs so far when readmitted
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)

@@ -1,0 +1,191 @@
+"""Decoder-only language model (Llama and Qwen2 families) over a paged KV cache.
+
+Parameter names match the Hugging Face checkpoints (``model.layers.N.self_attn.q_proj.weight``,
+``lm_head.weight``, ...) so weights load by name. The numerics follow ``transformers``' reference
+implementation step for step (RMSNorm in float32, RoPE cos/sin cast to the activation dtype,
+SwiGLU), which is what makes greedy outputs token-exact against ``generate``.
+
+The forward takes *embeddings*, not ids: the caller embeds text tokens with ``embed`` and splices
+media embeddings in at placeholder positions before calling ``forward``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from models.paged_attention import AttentionMetadata, paged_attention
+
+SUPPORTED_TEXT_MODEL_TYPES = ("llama", "qwen2")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE with every static scaling type transformers knows (linear, llama3, yarn, longrope)."""
+
+    def __init__(self, config):
+        super().__init__()
+        with torch.device("cpu"):  # real values even when the model is built on the meta device
+            inv_freq, self.attention_scaling = self._init_inv_freq(config)
+        # Kept in float32 outside the module's buffers so casting the model to bf16 never rounds it
+        # (transformers keeps it in float32 too); moved to the compute device on first use.
+        self.inv_freq = inv_freq.float()
+
+    @staticmethod
+    def _init_inv_freq(config) -> tuple[torch.Tensor, float]:
+        params = getattr(config, "rope_parameters", None) or {}
+        rope_type = params.get("rope_type", "default")
+        if rope_type == "default":
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+            scaling = 1.0
+        elif rope_type == "dynamic":
+            raise ValueError("rope_type 'dynamic' rescales with sequence length and is not supported")
+        elif rope_type in ROPE_INIT_FUNCTIONS:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+        else:
+            raise ValueError(f"unsupported rope_type {rope_type!r}")
+        return inv_freq, scaling
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [T] -> cos, sin: [T, 1, head_dim] (broadcast over heads)
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(dtype)
+        sin = (emb.sin() * self.attention_scaling).to(dtype)
+        return cos[:, None, :], sin[:, None, :]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        # Qwen2 has q/k/v bias; Llama has `attention_bias` (False in every released checkpoint).
+        qkv_bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden,
+                                bias=getattr(config, "attention_bias", False) and config.model_type != "qwen2")
+
+    def forward(self, x, cos, sin, layer_cache, meta: AttentionMetadata) -> torch.Tensor:
+        # x: [T, hidden]
+        q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        out = paged_attention(q, k, v, layer_cache, meta)  # [T, H, D]
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, layer_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _DecoderStack(nn.Module):
+    """The ``model.*`` half of a checkpoint: embeddings, layers, final norm."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class CausalLM(nn.Module):
+    """Llama / Qwen2 causal LM. ``forward`` returns hidden states; ``compute_logits`` projects."""
+
+    def __init__(self, config):
+        super().__init__()
+        if config.model_type not in SUPPORTED_TEXT_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported language model type {config.model_type!r}; "
+                f"supported: {', '.join(SUPPORTED_TEXT_MODEL_TYPES)}"
+            )
+        self.config = config
+        self.model = _DecoderStack(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.config.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        c = self.config
+        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,  # [T, hidden], packed new tokens of the batch
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, Hkv, D]
+    ) -> torch.Tensor:  # [T, hidden], after the final norm
+        x = inputs_embeds
+        cos, sin = self.model.rotary_emb(meta.positions, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, kv_cache[i], meta)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [N, hidden] -> logits [N, vocab] in float32 for sampling.
+        return F.linear(hidden, self.lm_head.weight).float()

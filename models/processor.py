@@ -1,0 +1,221 @@
+"""Multimodal input processing: media decoding, preprocessing, and the token plan.
+
+Two halves, used by different processes of the cluster:
+
+* **Router side** (cheap, no tensors): ``decode_media`` checks and decodes client bytes (image
+  header and pixel cap, audio length), ``num_media_tokens`` says how many placeholder tokens each
+  item becomes, and ``build_token_plan`` tokenizes the prompt and expands every placeholder to
+  that many tokens, exactly as the Hugging Face processor does (``<image>`` x N; ``<|AUDIO|>`` x
+  tokens-of-this-clip). A test checks our ids equal the HF processor's.
+* **Encoder side**: ``preprocess`` turns decoded media into the tower's input tensors with the
+  model's own HF image processor / feature extractor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoProcessor, AutoTokenizer
+
+from models.encoders import AudioEncoder
+
+
+class MediaError(ValueError):
+    """Media a client sent is unusable (corrupt, too large, wrong kind); INVALID_ARGUMENT."""
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    max_media_per_request: int = 8
+    max_media_bytes: int = 20 * 1024 * 1024  # per item, encoded
+    max_image_pixels: int = 4096 * 4096  # decompression-bomb guard, checked before decoding
+    max_audio_seconds: float = 30.0  # Qwen2-Audio's encoder window
+
+
+@dataclass(frozen=True)
+class MediaInput:
+    """One media item as the client sent it."""
+
+    data: bytes
+    mime_type: str = ""  # "image/png", "audio/wav", ...; empty: guess from the bytes
+
+    @property
+    def modality(self) -> str:
+        if self.mime_type.startswith("audio/"):
+            return "audio"
+        if self.mime_type.startswith("image/"):
+            return "image"
+        head = self.data[:12]
+        if head.startswith((b"RIFF", b"fLaC", b"ID3", b"OggS")) and b"WEBP" not in head:
+            return "audio"
+        return "image"
+
+
+@dataclass
+class DecodedMedia:
+    modality: str  # "image" | "audio"
+    content_hash: str  # hash of the bytes + preprocessing parameters: the encoder-cache key
+    image: Image.Image | None = None
+    audio: np.ndarray | None = None  # float32 mono at the feature extractor's sampling rate
+    num_tokens: int = 0
+
+
+@dataclass
+class TokenPlan:
+    """The prompt as the LM sees it: placeholders expanded to one token per media embedding."""
+
+    prompt_token_ids: list[int]
+    media_offsets: list[int] = field(default_factory=list)  # first placeholder index per item
+    media_lengths: list[int] = field(default_factory=list)  # tokens per item
+
+
+class MultimodalProcessor:
+    def __init__(self, model_dir: str | Path, config):
+        self.config = config
+        arch = (getattr(config, "architectures", None) or [""])[0]
+        self.modality = {"LlavaForConditionalGeneration": "image",
+                         "Qwen2AudioForConditionalGeneration": "audio"}.get(arch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "torchvision missing, using the PIL backend"
+            if self.modality is None:
+                self.hf_processor = None
+                self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            else:
+                self.hf_processor = AutoProcessor.from_pretrained(model_dir)
+                self.tokenizer = self.hf_processor.tokenizer
+        self.placeholder = None
+        self.placeholder_id = None
+        if self.modality == "image":
+            self.placeholder, self.placeholder_id = self.hf_processor.image_token, config.image_token_id
+        elif self.modality == "audio":
+            self.placeholder, self.placeholder_id = self.hf_processor.audio_token, config.audio_token_id
+        self._preprocess_key = self._preprocessing_fingerprint()
+
+    # -- router side -------------------------------------------------------------------------
+    @property
+    def tokens_per_image(self) -> int:
+        """LLaVA: fixed per image (the processor resizes and crops to the tower's input size)."""
+        proc = self.hf_processor
+        size = self.config.vision_config.image_size
+        n = (size // proc.patch_size) ** 2 + proc.num_additional_image_tokens
+        return n - 1 if proc.vision_feature_select_strategy == "default" else n
+
+    @property
+    def sampling_rate(self) -> int:
+        return self.hf_processor.feature_extractor.sampling_rate
+
+    def decode_media(self, item: MediaInput, limits: MediaLimits) -> DecodedMedia:
+        if not item.data:
+            raise MediaError("media item is empty (0 bytes)")
+        if len(item.data) > limits.max_media_bytes:
+            raise MediaError(f"media item is {len(item.data)} bytes; the limit is {limits.max_media_bytes}")
+        modality = item.modality
+        if modality != self.modality:
+            what = self.modality or "text only"
+            raise MediaError(f"this model does not accept {modality} input (it takes {what})")
+        digest = hashlib.blake2b(item.data, digest_size=16, key=self._preprocess_key).hexdigest()
+        if modality == "image":
+            image = _decode_image(item.data, limits.max_image_pixels)
+            return DecodedMedia("image", digest, image=image, num_tokens=self.tokens_per_image)
+        audio = _decode_audio(item.data, self.sampling_rate, limits.max_audio_seconds)
+        return DecodedMedia("audio", digest, audio=audio, num_tokens=self.audio_tokens(len(audio)))
+
+    def audio_tokens(self, num_samples: int) -> int:
+        fe = self.hf_processor.feature_extractor
+        frames = min(math.ceil(num_samples / fe.hop_length), fe.nb_max_frames)
+        return int(AudioEncoder.output_lengths(torch.tensor(frames))[1])
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        target = self.hf_processor or self.tokenizer
+        return target.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def build_token_plan(self, prompt: str, media: list[DecodedMedia]) -> TokenPlan:
+        ids = self.tokenizer(prompt)["input_ids"]
+        if self.placeholder_id is None:
+            if media:
+                raise MediaError("this model is text-only; remove the media items")
+            return TokenPlan(ids)
+        positions = [i for i, t in enumerate(ids) if t == self.placeholder_id]
+        if len(positions) != len(media):
+            raise MediaError(
+                f"the prompt has {len(positions)} {self.placeholder} placeholder(s) but "
+                f"{len(media)} media item(s) were sent; use one placeholder per item, in order"
+            )
+        plan = TokenPlan([])
+        prev = 0
+        for pos, item in zip(positions, media):
+            plan.prompt_token_ids.extend(ids[prev:pos])
+            plan.media_offsets.append(len(plan.prompt_token_ids))
+            plan.media_lengths.append(item.num_tokens)
+            plan.prompt_token_ids.extend([self.placeholder_id] * item.num_tokens)
+            prev = pos + 1
+        plan.prompt_token_ids.extend(ids[prev:])
+        return plan
+
+    # -- encoder side ------------------------------------------------------------------------
+    def preprocess(self, items: list[DecodedMedia]) -> dict[str, torch.Tensor]:
+        """Decoded media of this model's modality -> the encoder's batched input tensors."""
+        if self.modality == "image":
+            out = self.hf_processor.image_processor([m.image for m in items], return_tensors="pt")
+            return {"pixel_values": out["pixel_values"]}  # [N, 3, H, W]
+        fe = self.hf_processor.feature_extractor
+        out = fe([m.audio for m in items], sampling_rate=fe.sampling_rate, return_attention_mask=True,
+                 padding="max_length", return_tensors="pt")
+        # input_features [N, num_mel_bins, 3000], feature_attention_mask [N, 3000]
+        return {"input_features": out["input_features"], "feature_attention_mask": out["attention_mask"]}
+
+    def _preprocessing_fingerprint(self) -> bytes:
+        """Key for content hashes: the same bytes under different preprocessing differ."""
+        if self.hf_processor is None:
+            return b""
+        sub = getattr(self.hf_processor, "image_processor", None) or self.hf_processor.feature_extractor
+        blob = json.dumps(sub.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.blake2b(blob, digest_size=32).digest()
+
+
+def _decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size  # header only: nothing decoded yet
+            if width * height > max_pixels:
+                raise MediaError(f"image is {width}x{height} pixels; the limit is {max_pixels} pixels")
+            img.load()
+            return img.convert("RGB")
+    except MediaError:
+        raise
+    except (Image.DecompressionBombError, Image.UnidentifiedImageError, OSError, ValueError,
+            SyntaxError) as exc:
+        raise MediaError(f"cannot decode image: {type(exc).__name__}") from exc
+
+
+def _decode_audio(data: bytes, sampling_rate: int, max_seconds: float) -> np.ndarray:
+    import soundfile as sf
+
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            if f.samplerate <= 0 or f.frames <= 0:
+                raise MediaError("audio has no samples")
+            if f.frames / f.samplerate > max_seconds:
+                raise MediaError(f"audio is {f.frames / f.samplerate:.1f} s long; the limit is {max_seconds} s")
+            audio = f.read(dtype="float32", always_2d=True).mean(axis=1)
+            rate = f.samplerate
+    except MediaError:
+        raise
+    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
+        raise MediaError(f"cannot decode audio: {type(exc).__name__}") from exc
+    if audio.size == 0 or not np.isfinite(audio).all():
+        raise MediaError("audio has no samples or non-finite samples")
+    if rate != sampling_rate:
+        import soxr
+
+        audio = soxr.resample(audio, rate, sampling_rate).astype(np.float32)
+    return audio
