@@ -40,6 +40,10 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        capacity = block_manager.num_blocks * block_manager.block_size
+        if config.max_model_len > capacity:
+            # A lone request could then outgrow the cache and preempt itself forever.
+            raise ValueError(f"max_model_len={config.max_model_len} exceeds the KV cache ({capacity} tokens)")
         self.config = config
         self.blocks = block_manager
         self.waiting: deque[Request] = deque()

@@ -1,0 +1,72 @@
+"""Reference outputs from ``transformers`` and the standard prompt cases, shared by test files."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import soundfile as sf
+import torch
+from PIL import Image
+
+from models.media_samples import make_test_audio, make_test_image
+from models.processor import MediaInput
+
+IMAGE_PROMPTS = {
+    "text": ("The capital of France is a city where", 0),
+    "one-image": ("USER: <image>\nWhat is in this picture? ASSISTANT:", 1),
+    "two-images": ("<image> and <image>: compare the two.", 2),
+}
+AUDIO_PROMPTS = {
+    "text": ("The capital of France is a city where", 0),
+    "audio": ("<|audio_bos|><|AUDIO|><|audio_eos|>What do you hear?", 1),
+    "two-audio": ("Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\nAudio 2: <|audio_bos|><|AUDIO|><|audio_eos|>\nCompare.", 2),
+}
+
+
+def prompt_cases(arch: str) -> dict[str, tuple[str, list[MediaInput]]]:
+    """name -> (prompt with placeholders, media items) for an architecture."""
+    if arch == "qwen2-audio":
+        return {name: (p, [MediaInput(make_test_audio(i + 1, 1.0 + i), "audio/wav") for i in range(n)])
+                for name, (p, n) in AUDIO_PROMPTS.items()}
+    return {name: (p, [MediaInput(make_test_image(i + 1), "image/png") for i in range(n)])
+            for name, (p, n) in IMAGE_PROMPTS.items()}
+
+
+class HFReference:
+    """``transformers`` model + processor of a checkpoint, for greedy references."""
+
+    def __init__(self, path):
+        from transformers import AutoProcessor, LlavaForConditionalGeneration, Qwen2AudioForConditionalGeneration
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.processor = AutoProcessor.from_pretrained(path)
+        cls = Qwen2AudioForConditionalGeneration if "audio" in type(self.processor).__name__.lower() \
+            else LlavaForConditionalGeneration
+        self.model = cls.from_pretrained(path, dtype=torch.float32).eval()
+
+    def inputs(self, prompt: str, media: list[MediaInput]):
+        kwargs = {}
+        if media and media[0].modality == "image":
+            kwargs["images"] = [Image.open(io.BytesIO(m.data)).convert("RGB") for m in media]
+        elif media:
+            kwargs["audio"] = [sf.read(io.BytesIO(m.data), dtype="float32")[0] for m in media]
+            kwargs["sampling_rate"] = 16000
+        return self.processor(text=prompt, return_tensors="pt", **kwargs)
+
+    @torch.no_grad()
+    def greedy(self, prompt: str, media: list[MediaInput], max_new_tokens: int) -> list[int]:
+        inputs = self.inputs(prompt, media)
+        out = self.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
+                                  min_new_tokens=max_new_tokens)
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+    @torch.no_grad()
+    def prefill_logits(self, prompt: str, media: list[MediaInput]) -> torch.Tensor:
+        return self.model(**self.inputs(prompt, media)).logits[0, -1].float()
+
+
+def first_audio(data: bytes) -> np.ndarray:
+    return sf.read(io.BytesIO(data), dtype="float32")[0]
