@@ -1,0 +1,413 @@
+"""The rendezvous store of rendezvous transports (gloo, nccl); see base.py for the protocol.
+
+The receiver hosts one TCPStore for all its senders (`RendezvousHost`); each sender opens one
+client per receiver (`RendezvousClient`). Keys of a pair live under ``kv/<sender_id>/``. Values
+are msgpack or raw bytes: nothing on this socket is pickled.
+
+NOTE: a TCPStore client serializes its operations on one socket, so a blocking `wait` would
+hold up every other thread using that client. Blocking waits therefore get their own
+connection: each receiver thread has a thread-local clone, and a communicator build uses a
+fresh clone on the sender.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import uuid
+from abc import abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Protocol
+
+import msgpack
+from torch.distributed import PrefixStore, Store, TCPStore
+
+from .base import (
+    Deadline,
+    KVReceiver,
+    KVSender,
+    KVSendResult,
+    KVTransferError,
+    KVTransferMeta,
+    KVTransferState,
+    KVTransferTimeout,
+)
+
+_STORE_OP_TIMEOUT_S = 30.0
+
+
+def pair_prefix(sender_id: str) -> str:
+    return f"kv/{sender_id}"
+
+
+def epoch_prefix(sender_id: str, epoch: int) -> str:
+    """Store prefix of one communicator generation of the pair."""
+    return f"kv/{sender_id}/{epoch}"
+
+
+def _announce_key(sender_id: str, transfer_id: str) -> str:
+    return f"kv/{sender_id}/xfer/{transfer_id}"
+
+
+@dataclass(frozen=True)
+class Announcement:
+    epoch: int  # communicator generation the sender uses for this transfer; -1 with error
+    error: str | None = None  # set when the sender gave up before the data phase
+
+
+class RendezvousHost:
+    """Decode side: a TCPStore on a free port of `host` (the interface senders reach)."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        # Bind the listening socket ourselves so the store listens on `host` only; the store
+        # takes ownership of the descriptor (and closes it).
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, 0))
+        sock.listen(128)
+        self.host = host
+        self.port = sock.getsockname()[1]
+        self.incarnation = uuid.uuid4().hex  # changes when the receiver restarts
+        self._local = threading.local()
+        self.store = TCPStore(
+            host,
+            self.port,
+            is_master=True,
+            wait_for_workers=False,
+            master_listen_fd=sock.detach(),
+            timeout=timedelta(seconds=60),
+        )
+
+    def info(self, transport: str, receiver_id: str) -> dict[str, Any]:
+        return {
+            "transport": transport,
+            "receiver_id": receiver_id,
+            "host": self.host,
+            "port": self.port,
+            "incarnation": self.incarnation,
+        }
+
+    def _client(self) -> TCPStore:
+        """This thread's own connection to the store (see the module NOTE)."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = self.store.clone()
+        return client
+
+    def pair_store(self, sender_id: str, epoch: int) -> Store:
+        return PrefixStore(epoch_prefix(sender_id, epoch), self._client())
+
+    def wait_announcement(self, sender_id: str, transfer_id: str, deadline: Deadline) -> Announcement:
+        """Block until the sender announces `transfer_id`; consume the key."""
+        key = _announce_key(sender_id, transfer_id)
+        store = self._client()
+        try:
+            store.wait([key], timedelta(seconds=deadline.remaining("waiting for the sender")))
+            raw = store.get(key)
+        except KVTransferError:
+            raise
+        except RuntimeError as e:  # DistStoreError on timeout
+            raise KVTransferTimeout(
+                f"no sender announced the transfer within {deadline.timeout_s:.3g}s ({e})", transfer_id=transfer_id
+            ) from e
+        store.delete_key(key)
+        d = msgpack.unpackb(raw, raw=False)
+        return Announcement(epoch=int(d.get("epoch", -1)), error=d.get("error"))
+
+    def pop_bytes(self, key: str) -> bytes:
+        """Read and delete a key the sender set before announcing (e.g. an NCCL unique id)."""
+        store = self._client()
+        value = store.get(key)
+        store.delete_key(key)
+        return value
+
+    def close(self) -> None:
+        self.store = None  # type: ignore[assignment]  # the master shuts down with its last ref
+
+
+class RendezvousClient:
+    """Prefill side: a connection to one receiver's store."""
+
+    def __init__(self, info: dict[str, Any], deadline: Deadline):
+        self.host = str(info["host"])
+        self.port = int(info["port"])
+        try:
+            self.store = TCPStore(
+                self.host,
+                self.port,
+                is_master=False,
+                timeout=timedelta(seconds=deadline.remaining("connecting to the receiver")),
+            )
+        except RuntimeError as e:
+            raise KVTransferError(f"cannot reach the receiver's store at {self.host}:{self.port}: {e}") from e
+        self.store.set_timeout(timedelta(seconds=_STORE_OP_TIMEOUT_S))  # for set/add/check
+
+    def new_epoch(self, sender_id: str) -> int:
+        return int(self.store.add(f"{pair_prefix(sender_id)}/epoch", 1))
+
+    def pair_store(self, sender_id: str, epoch: int) -> Store:
+        """Store for building one communicator, on its own connection (see the module NOTE)."""
+        return PrefixStore(epoch_prefix(sender_id, epoch), self.store.clone())
+
+    def announce(self, sender_id: str, transfer_id: str, epoch: int) -> None:
+        self.store.set(_announce_key(sender_id, transfer_id), msgpack.packb({"epoch": epoch}))
+
+    def announce_failure(self, sender_id: str, transfer_id: str, reason: str, *, was_announced: bool) -> None:
+        """Best effort: tell a receiver not yet past the announcement to give up now.
+
+        If the announcement was already consumed the receiver is in the data phase and learns
+        of the failure from the communicator; writing again would leave a key nobody reads.
+        """
+        key = _announce_key(sender_id, transfer_id)
+        try:
+            if not was_announced or self.store.check([key]):
+                self.store.set(key, msgpack.packb({"epoch": -1, "error": reason[:500]}))
+        except RuntimeError:
+            pass
+
+    def set_bytes(self, key: str, value: bytes) -> None:
+        self.store.set(key, value)
+
+
+# --------------------------------------------------------------------------------------------
+# The pairing skeleton shared by gloo and nccl: everything but the communicator itself.
+# --------------------------------------------------------------------------------------------
+
+
+class PairComm(Protocol):
+    """A transport's 2-rank communicator of one pair (rank 0 = sender, rank 1 = receiver)."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    def abort(self) -> None:
+        """Idempotent, callable from any thread; pending operations on it fail."""
+
+
+@dataclass
+class Pair:
+    peer_id: str
+    lock: threading.Lock = field(default_factory=threading.Lock)  # held for a whole transfer
+    comm: PairComm | None = None  # live communicator, or None until the next transfer builds one
+    epoch: int = -1  # generation of `comm`
+    info: dict[str, Any] | None = None  # sender side: the receiver's endpoint info
+    client: RendezvousClient | None = None  # sender side: connection to the receiver's store
+
+    def drop_comm(self, comm: PairComm | None = None) -> None:
+        """Abort `comm` (default: the pair's current one) and forget it if it is current."""
+        current = self.comm
+        if comm is None:
+            comm = current
+        if comm is None:
+            return
+        if current is comm:
+            self.comm = None
+        comm.abort()
+
+
+def as_transfer_error(e: Exception, transfer_id: str) -> KVTransferError:
+    if isinstance(e, KVTransferError):
+        return e
+    text = f"{type(e).__name__}: {e}"
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return KVTransferTimeout(text, transfer_id=transfer_id)
+    return KVTransferError(text, transfer_id=transfer_id)
+
+
+class RendezvousKVSender(KVSender):
+    """Sender side of the protocol in base.py; subclasses supply the communicator."""
+
+    recv_during_send = True
+
+    def __init__(self, sender_id: str, *, timeout_s: float = 30.0):
+        super().__init__(sender_id, timeout_s=timeout_s)
+        self._pairs: dict[str, Pair] = {}
+        self._pairs_lock = threading.Lock()
+
+    # -- what a transport supplies ---------------------------------------------------------
+    def _prepare_comm(self, client: RendezvousClient, epoch: int) -> Any:
+        """Before the announcement: publish what the receiver needs to join `epoch`."""
+        return None
+
+    @abstractmethod
+    def _open_comm(self, client: RendezvousClient, epoch: int, setup: Any, deadline: Deadline) -> PairComm:
+        """Build this side (rank 0) of the pair's communicator; blocks until the peer joins."""
+
+    @abstractmethod
+    def _send_data(self, comm: PairComm, meta: KVTransferMeta, layers: Iterable[Any], deadline: Deadline) -> int:
+        """Header, layers, wait for the ack; returns KV payload bytes."""
+
+    # -- the protocol ----------------------------------------------------------------------
+    def connect(self, peer_id: str, peer_info: dict[str, Any]) -> None:
+        if peer_info.get("transport") != self.transport:
+            raise KVTransferError(f"peer info is for transport {peer_info.get('transport')!r}, not {self.transport!r}")
+        with self._pairs_lock:
+            old = self._pairs.get(peer_id)
+            if old is not None and old.info == peer_info:
+                return
+            self._pairs[peer_id] = Pair(peer_id, info=dict(peer_info))
+        if old is not None:
+            old.drop_comm()
+
+    def is_connected(self, peer_id: str) -> bool:
+        with self._pairs_lock:
+            return peer_id in self._pairs
+
+    def num_pairs(self) -> int:
+        with self._pairs_lock:
+            return sum(1 for p in self._pairs.values() if p.comm is not None and p.comm.alive)
+
+    def abort(self, peer_id: str | None = None) -> None:
+        with self._pairs_lock:
+            pairs = list(self._pairs.values()) if peer_id is None else [self._pairs.get(peer_id)]
+        for pair in pairs:
+            if pair is not None:
+                pair.drop_comm()
+
+    def send(self, peer_id, meta, layers, timeout_s=None) -> KVSendResult:  # noqa: D102 (see KVSender)
+        tid = meta.transfer_id
+        deadline = Deadline(self.timeout_s if timeout_s is None else timeout_s, tid)
+        self.ledger.set_state(tid, KVTransferState.BOOTSTRAPPING)
+        with self._pairs_lock:
+            pair = self._pairs.get(peer_id)
+        try:
+            if pair is None:
+                raise KVTransferError(f"not connected to receiver {peer_id!r}: call connect() first", transfer_id=tid)
+            if not pair.lock.acquire(timeout=deadline.remaining("waiting for the pair's previous transfer")):
+                raise KVTransferTimeout("pair busy until the deadline", transfer_id=tid)
+            try:
+                num_bytes = self._send_locked(pair, meta, layers, deadline)
+            finally:
+                pair.lock.release()
+        except Exception as e:
+            self.ledger.failed(tid)
+            if isinstance(e, KVTransferError):
+                raise
+            raise as_transfer_error(e, tid) from e
+        self.ledger.succeeded(tid, num_bytes)
+        return KVSendResult(num_bytes, self.make_ticket(peer_id, meta))
+
+    def _send_locked(self, pair: Pair, meta: KVTransferMeta, layers: Iterable[Any], deadline: Deadline) -> int:
+        """Steps 2-5 of the protocol, under the pair lock. On failure: drop the communicator,
+        leave word for a receiver still waiting, and reconnect to the store next time."""
+        tid = meta.transfer_id
+        comm = None
+        announced = False
+        try:
+            if pair.client is None:
+                assert pair.info is not None
+                pair.client = RendezvousClient(pair.info, deadline)
+            comm = pair.comm
+            if comm is None or not comm.alive:
+                comm = None
+                epoch = pair.client.new_epoch(self.sender_id)
+                setup = self._prepare_comm(pair.client, epoch)
+                pair.client.announce(self.sender_id, tid, epoch)
+                announced = True
+                comm = self._open_comm(pair.client, epoch, setup, deadline)
+                pair.comm, pair.epoch = comm, epoch
+                self.ledger.pair_built()
+            else:
+                pair.client.announce(self.sender_id, tid, pair.epoch)
+                announced = True
+            self.ledger.set_state(tid, KVTransferState.TRANSFERRING)
+            return self._send_data(comm, meta, layers, deadline)
+        except BaseException as e:
+            if comm is not None:
+                pair.drop_comm(comm)
+            if pair.client is not None:
+                pair.client.announce_failure(self.sender_id, tid, f"{type(e).__name__}: {e}", was_announced=announced)
+                pair.client = None
+            raise
+
+
+class RendezvousKVReceiver(KVReceiver):
+    """Receiver side of the protocol in base.py; subclasses supply the communicator."""
+
+    def __init__(self, receiver_id: str, *, host: str = "127.0.0.1", timeout_s: float = 30.0):
+        super().__init__(receiver_id, timeout_s=timeout_s)
+        self.host = host  # interface the store (and gloo) listen on; senders must reach it
+        self._rendezvous = RendezvousHost(host)
+        self._pairs: dict[str, Pair] = {}
+        self._pairs_lock = threading.Lock()
+
+    # -- what a transport supplies ---------------------------------------------------------
+    @abstractmethod
+    def _open_comm(self, rendezvous: RendezvousHost, sender_id: str, epoch: int, deadline: Deadline) -> PairComm:
+        """Join (rank 1) the communicator the sender builds for `epoch`."""
+
+    @abstractmethod
+    def _recv_data(self, comm: PairComm, meta: KVTransferMeta, kv: Any, deadline: Deadline) -> int:
+        """Header check, layers into kv[:, :, meta.dst_block_ids], send the ack; returns bytes."""
+
+    # -- the protocol ----------------------------------------------------------------------
+    def endpoint_info(self) -> dict[str, Any]:
+        return self._rendezvous.info(self.transport, self.receiver_id)
+
+    def num_pairs(self) -> int:
+        with self._pairs_lock:
+            return sum(1 for p in self._pairs.values() if p.comm is not None and p.comm.alive)
+
+    def abort(self, peer_id: str | None = None) -> None:
+        with self._pairs_lock:
+            pairs = list(self._pairs.values()) if peer_id is None else [self._pairs.get(peer_id)]
+        for pair in pairs:
+            if pair is not None:
+                pair.drop_comm()
+
+    def _pair(self, sender_id: str) -> Pair:
+        with self._pairs_lock:
+            pair = self._pairs.get(sender_id)
+            if pair is None:
+                pair = self._pairs[sender_id] = Pair(sender_id)
+            return pair
+
+    def recv(self, ticket, kv, dst_block_ids, timeout_s=None) -> int:  # noqa: D102 (see KVReceiver)
+        tid = ticket.meta.transfer_id
+        deadline = Deadline(self.timeout_s if timeout_s is None else timeout_s, tid)
+        self.ledger.set_state(tid, KVTransferState.BOOTSTRAPPING)
+        try:
+            meta = self._check_ticket(ticket, kv, dst_block_ids)
+            # NOTE: wait for *this* transfer's announcement before taking the pair lock, so a
+            # thread started early for a later transfer cannot hold the channel (see base.py).
+            announcement = self._rendezvous.wait_announcement(ticket.sender_id, tid, deadline)
+            if announcement.error is not None:
+                raise KVTransferError(f"sender gave up: {announcement.error}", transfer_id=tid)
+            pair = self._pair(ticket.sender_id)
+            if not pair.lock.acquire(timeout=deadline.remaining("waiting for the pair's previous transfer")):
+                raise KVTransferTimeout("pair busy until the deadline", transfer_id=tid)
+            comm = None
+            try:
+                if announcement.epoch < pair.epoch:  # never drop a newer communicator for it
+                    raise KVTransferError(
+                        f"announcement for epoch {announcement.epoch} but the pair is at {pair.epoch} "
+                        "(two senders with one id?)",
+                        transfer_id=tid,
+                    )
+                comm = pair.comm
+                if comm is None or not comm.alive or pair.epoch != announcement.epoch:
+                    pair.drop_comm()
+                    comm = self._open_comm(self._rendezvous, ticket.sender_id, announcement.epoch, deadline)
+                    pair.comm, pair.epoch = comm, announcement.epoch
+                    self.ledger.pair_built()
+                self.ledger.set_state(tid, KVTransferState.TRANSFERRING)
+                num_bytes = self._recv_data(comm, meta, kv, deadline)
+            except BaseException:
+                if comm is not None:
+                    pair.drop_comm(comm)
+                raise
+            finally:
+                pair.lock.release()
+        except Exception as e:
+            self.ledger.failed(tid)
+            if isinstance(e, KVTransferError):
+                raise
+            raise as_transfer_error(e, tid) from e
+        self.ledger.succeeded(tid, num_bytes)
+        return num_bytes
+
+    def close(self) -> None:
+        self.abort(None)
+        self._rendezvous.close()

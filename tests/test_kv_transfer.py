@@ -1,0 +1,315 @@
+"""KV transfer on CPU: contracts, the fake, gloo between two real processes, Ray between actors."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from cluster.kv_transfer import (
+    KVTicket,
+    KVTransferError,
+    KVTransferMeta,
+    KVTransferState,
+    KVTransferTimeout,
+    iter_kv_layers,
+    make_kv_receiver,
+    make_kv_sender,
+    run_kv_transfer,
+    testing,
+)
+from cluster.kv_transfer.local import LocalKVSender
+from cluster.kv_transfer.testing import CacheSpec, EndpointProcess, KVEndpoint
+
+SENDER_ID = "prefill-0"
+RECEIVER_ID = "decode-0"
+SRC_BLOCKS = (3, 17, 5, 30, 0)
+DST_BLOCKS = (9, 1, 22, 14, 27)
+
+
+def make_meta(spec: CacheSpec, transfer_id: str, src=SRC_BLOCKS, dst=DST_BLOCKS, **overrides) -> KVTransferMeta:
+    return testing.make_meta(spec, transfer_id, src, dst, **overrides)
+
+
+assert_landed = testing.assert_blocks_landed
+
+
+# -- contracts ---------------------------------------------------------------------------------
+
+
+def test_meta_msgpack_roundtrip():
+    meta = make_meta(CacheSpec(dtype="bfloat16"), "t-1")
+    data = meta.to_msgpack()
+    assert isinstance(data, bytes)
+    back = KVTransferMeta.from_msgpack(data)
+    assert back == meta
+    assert back.src_block_ids == SRC_BLOCKS and back.dst_block_ids == DST_BLOCKS
+    assert back.layer_shape == (2, 5, 4, 2, 8)
+    assert back.num_bytes == 4 * 2 * 5 * 4 * 2 * 8 * 2  # bf16: 2 bytes
+    assert KVTransferMeta.for_cache(
+        CacheSpec().make(), request_id="r", transfer_id=7, src_block_ids=[1], dst_block_ids=[2]
+    ).transfer_id == "7"
+
+
+def test_meta_rejects_bad_input():
+    spec = CacheSpec()
+    with pytest.raises(ValueError):
+        make_meta(spec, "t", dst=(1, 2))  # counts differ
+    with pytest.raises(ValueError):
+        make_meta(spec, "t", dst=(1, 1, 2, 3, 4))  # duplicate destination
+    with pytest.raises(ValueError):
+        make_meta(spec, "t", dtype="int8")
+    with pytest.raises(KVTransferError):
+        KVTransferMeta.from_msgpack(b"\x81\xa1x\x01")  # valid msgpack, not a meta
+
+
+def test_unknown_transport_is_rejected():
+    with pytest.raises(ValueError, match="unknown KV transport"):
+        make_kv_sender("carrier-pigeon", sender_id="p")
+
+
+def test_local_fake_transport_and_ticket_checks():
+    spec = CacheSpec()
+    src_kv, dst_kv = spec.make(), CacheSpec(seed=1).make()
+    before = dst_kv.clone()
+    sender = make_kv_sender("local", sender_id=SENDER_ID)
+    receiver = make_kv_receiver("local", receiver_id=RECEIVER_ID)
+    sender.connect(RECEIVER_ID, receiver.prepare_pair(SENDER_ID))
+    meta = make_meta(spec, "t-local")
+
+    result, num_bytes = run_kv_transfer(
+        sender, RECEIVER_ID, meta, iter_kv_layers(src_kv, meta.src_block_ids),
+        start_recv=lambda ticket: receiver.recv(ticket, dst_kv, meta.dst_block_ids),
+    )
+    assert num_bytes == result.num_bytes == meta.num_bytes
+    assert_landed(src_kv, dst_kv, before, SRC_BLOCKS, DST_BLOCKS)
+    assert receiver.transfer_state("t-local") is KVTransferState.SUCCESS
+    assert sender.stats().num_ok == receiver.stats().num_ok == 1
+
+    with pytest.raises(KVTransferError, match="dst_block_ids"):
+        receiver.recv(result.ticket, dst_kv, DST_BLOCKS[::-1])
+    wrong_receiver = KVTicket("local", SENDER_ID, "decode-9", meta, result.ticket.payload)
+    with pytest.raises(KVTransferError, match="receiver"):
+        receiver.recv(wrong_receiver, dst_kv, DST_BLOCKS)
+    with pytest.raises(KVTransferError, match="does not fit"):
+        receiver.recv(result.ticket, dst_kv.to(torch.float16), DST_BLOCKS)
+    with pytest.raises(KVTransferError, match="layer 1"):  # sender checks every layer's shape
+        sender.send(RECEIVER_ID, meta, [src_kv[0][:, :5], src_kv[1][:, :4]])
+    assert receiver.stats().num_failed == 3
+
+
+def test_run_kv_transfer_starts_recv_first_for_rendezvous_transports():
+    calls = []
+
+    class FakeRendezvousSender(LocalKVSender):
+        recv_during_send = True
+
+        def send(self, peer_id, meta, layers, timeout_s=None):
+            calls.append("send")
+            return super().send(peer_id, meta, layers, timeout_s)
+
+    sender = FakeRendezvousSender(sender_id="x")
+    spec = CacheSpec()
+    meta = make_meta(spec, "t-order")
+    _, handle = run_kv_transfer(sender, "d", meta, iter_kv_layers(spec.make(), SRC_BLOCKS),
+                                start_recv=lambda ticket: calls.append("recv") or ticket)
+    assert calls == ["recv", "send"]
+    assert handle.meta == meta and handle.sender_id == "x" and handle.receiver_id == "d"
+
+
+# -- gloo between two processes ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def gloo_sender(request):
+    """A prefill-side gloo sender in a spawned child with its own seeded cache."""
+    spec = CacheSpec(dtype=request.param, seed=0)
+    with EndpointProcess("sender", "gloo", SENDER_ID, spec, timeout_s=10.0) as proc:
+        proc.spec = spec
+        yield proc
+
+
+@pytest.fixture
+def gloo_receiver(gloo_sender):
+    """A fresh decode-side receiver in this process (a new store: the sender re-connects)."""
+    spec = CacheSpec(dtype=gloo_sender.spec.dtype, seed=1)
+    endpoint = KVEndpoint("receiver", "gloo", RECEIVER_ID, asdict(spec), timeout_s=10.0)
+    assert gloo_sender.call("connect", peer_id=RECEIVER_ID, info=endpoint.receiver.prepare_pair(SENDER_ID))["ok"]
+    yield endpoint
+    endpoint.close()
+
+
+def transfer(sender: EndpointProcess, receiver: KVEndpoint, meta: KVTransferMeta, recv_timeout_s=10.0, **send_opts):
+    """Sender in the child and receiver here, concurrently. Returns (send reply, recv bytes or error)."""
+    sender.request("send", peer_id=RECEIVER_ID, meta=meta, **send_opts)
+    try:
+        got = receiver.recv(KVTicket("gloo", SENDER_ID, RECEIVER_ID, meta), recv_timeout_s)
+    except KVTransferError as e:
+        got = e
+    return sender.reply(30.0), got
+
+
+@pytest.mark.timeout(60)
+def test_gloo_moves_blocks_exactly(gloo_sender, gloo_receiver):
+    before = gloo_receiver.kv.clone()
+    meta = make_meta(gloo_sender.spec, "t-exact")
+    reply, got = transfer(gloo_sender, gloo_receiver, meta)
+    assert reply["ok"], reply
+    assert got == reply["num_bytes"] == meta.num_bytes
+    assert_landed(gloo_sender.spec.make(), gloo_receiver.kv, before, SRC_BLOCKS, DST_BLOCKS)
+    assert gloo_receiver.receiver.transfer_state("t-exact") is KVTransferState.SUCCESS
+
+
+@pytest.mark.timeout(60)
+def test_gloo_consecutive_transfers_reuse_the_pair(gloo_sender, gloo_receiver):
+    before = gloo_receiver.kv.clone()
+    setups_before = gloo_sender.call("stats")["stats"]["num_pair_setups"]
+    for i, (src, dst) in enumerate([((1, 2), (4, 5)), ((6, 7, 8), (10, 11, 12))]):
+        reply, got = transfer(gloo_sender, gloo_receiver, make_meta(gloo_sender.spec, f"t-reuse-{i}", src, dst))
+        assert reply["ok"] and got == reply["num_bytes"]
+    assert_landed(gloo_sender.spec.make(), gloo_receiver.kv, before, (1, 2, 6, 7, 8), (4, 5, 10, 11, 12))
+    stats = gloo_receiver.stats()
+    assert stats["num_pair_setups"] == 1 and stats["num_ok"] == 2 and stats["num_pairs"] == 1
+    assert gloo_sender.call("stats")["stats"]["num_pair_setups"] == setups_before + 1
+
+
+@pytest.mark.timeout(60)
+def test_gloo_recv_without_sender_times_out_then_next_transfer_works(gloo_sender, gloo_receiver):
+    spec = gloo_sender.spec
+    ticket = KVTicket("gloo", SENDER_ID, RECEIVER_ID, make_meta(spec, "t-nobody"))
+    t0 = time.monotonic()
+    with pytest.raises(KVTransferTimeout):
+        gloo_receiver.recv(ticket, timeout_s=1.0)
+    assert time.monotonic() - t0 < 3.0
+    assert gloo_receiver.receiver.transfer_state("t-nobody") is KVTransferState.FAILED
+
+    before = gloo_receiver.kv.clone()
+    reply, got = transfer(gloo_sender, gloo_receiver, make_meta(spec, "t-after-timeout"))
+    assert reply["ok"] and got == reply["num_bytes"]
+    assert_landed(spec.make(), gloo_receiver.kv, before, SRC_BLOCKS, DST_BLOCKS)
+    assert gloo_receiver.stats()["num_failed"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_gloo_stalled_sender_fails_both_sides_and_pair_is_recreated(gloo_sender, gloo_receiver):
+    spec = gloo_sender.spec
+    # Prefill stalls after layer 1 for longer than the receiver waits: the receiver times out
+    # mid-transfer and drops the pair; the sender then fails too (peer gone or no ack).
+    meta = make_meta(spec, "t-stall")
+    t0 = time.monotonic()
+    reply, got = transfer(gloo_sender, gloo_receiver, meta, recv_timeout_s=1.5,
+                          stall_after=1, stall_s=2.5, timeout_s=5.0)
+    assert isinstance(got, KVTransferTimeout) and time.monotonic() - t0 < 8.0
+    assert not reply["ok"], reply
+    assert gloo_receiver.stats()["num_pairs"] == 0
+
+    before = gloo_receiver.kv.clone()
+    reply, got = transfer(gloo_sender, gloo_receiver, make_meta(spec, "t-after-stall"))
+    assert reply["ok"] and got == reply["num_bytes"]
+    assert_landed(spec.make(), gloo_receiver.kv, before, SRC_BLOCKS, DST_BLOCKS)
+    assert gloo_receiver.stats()["num_pair_setups"] == 2
+
+
+@pytest.mark.timeout(60)
+def test_gloo_header_mismatch_fails_cleanly(gloo_sender, gloo_receiver):
+    spec = gloo_sender.spec
+    before = gloo_receiver.kv.clone()
+    sent = make_meta(spec, "t-mismatch")
+    expected = make_meta(spec, "t-mismatch", dst=(2, 4, 6, 8, 10))  # same id, other reservation
+    gloo_sender.request("send", peer_id=RECEIVER_ID, meta=sent, timeout_s=10.0)
+    with pytest.raises(KVTransferError, match="header mismatch"):
+        gloo_receiver.recv(KVTicket("gloo", SENDER_ID, RECEIVER_ID, expected), 10.0)
+    reply = gloo_sender.reply(30.0)
+    assert not reply["ok"] and reply["elapsed_s"] < 5.0  # the receiver's abort reached it at once
+    assert torch.equal(gloo_receiver.kv, before)  # nothing landed
+
+    reply, got = transfer(gloo_sender, gloo_receiver, make_meta(spec, "t-after-mismatch"))
+    assert reply["ok"] and got == reply["num_bytes"]
+
+
+@pytest.mark.timeout(60)
+def test_gloo_prefill_failure_mid_transfer_fails_receiver_fast(gloo_sender, gloo_receiver):
+    spec = gloo_sender.spec
+    t0 = time.monotonic()
+    reply, got = transfer(gloo_sender, gloo_receiver, make_meta(spec, "t-crash"), recv_timeout_s=10.0, fail_after=2)
+    assert not reply["ok"] and "PrefillCrashed" in reply["error"]
+    assert isinstance(got, KVTransferError) and not isinstance(got, KVTransferTimeout)
+    assert time.monotonic() - t0 < 5.0
+
+    reply, got = transfer(gloo_sender, gloo_receiver, make_meta(spec, "t-after-crash"))
+    assert reply["ok"] and got == reply["num_bytes"]
+
+
+@pytest.mark.timeout(60)
+def test_gloo_sender_gives_up_and_late_receiver_fails_fast(gloo_sender, gloo_receiver):
+    """No recv comes in time: the sender times out setting up the pair and leaves word for the
+    receiver, whose late recv then fails at once instead of waiting out its deadline."""
+    spec = gloo_sender.spec
+    gloo_receiver.receiver.abort()  # force a pair setup, which needs the receiver
+    meta = make_meta(spec, "t-late")
+    reply = gloo_sender.call("send", peer_id=RECEIVER_ID, meta=meta, timeout_s=1.0)
+    assert not reply["ok"] and reply["timeout"], reply
+    t0 = time.monotonic()
+    with pytest.raises(KVTransferError, match="sender gave up"):
+        gloo_receiver.recv(KVTicket("gloo", SENDER_ID, RECEIVER_ID, meta), 10.0)
+    assert time.monotonic() - t0 < 2.0
+
+    reply, got = transfer(gloo_sender, gloo_receiver, make_meta(spec, "t-after-late"))
+    assert reply["ok"] and got == reply["num_bytes"]
+
+
+@pytest.mark.timeout(60)
+def test_gloo_receiver_threads_started_out_of_order(gloo_sender, gloo_receiver):
+    """Two transfers queued on one pair; the decode side starts B's recv before A's."""
+    spec = gloo_sender.spec
+    metas = [make_meta(spec, "t-A", (1, 2), (3, 4)), make_meta(spec, "t-B", (5, 6, 7), (8, 9, 10))]
+    results: dict[str, object] = {}
+
+    def recv(meta):
+        try:
+            results[meta.transfer_id] = gloo_receiver.recv(KVTicket("gloo", SENDER_ID, RECEIVER_ID, meta), 15.0)
+        except KVTransferError as e:
+            results[meta.transfer_id] = e
+
+    before = gloo_receiver.kv.clone()
+    threads = [threading.Thread(target=recv, args=(m,)) for m in reversed(metas)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    for meta in metas:  # the child runs them one after the other, A first
+        gloo_sender.request("send", peer_id=RECEIVER_ID, meta=meta)
+    replies = [gloo_sender.reply(30.0) for _ in metas]
+    for t in threads:
+        t.join(20.0)
+    assert all(r["ok"] for r in replies), replies
+    assert results == {m.transfer_id: m.num_bytes for m in metas}
+    assert_landed(spec.make(), gloo_receiver.kv, before, (1, 2, 5, 6, 7), (3, 4, 8, 9, 10))
+
+
+# -- Ray object store between two actors ----------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ray_transport_between_actors(ray_session, dtype):
+    """Uses the session's shared Ray instance (tests/conftest.py)."""
+    ray = ray_session
+    Endpoint = ray.remote(num_cpus=0)(KVEndpoint)
+    src_spec, dst_spec = CacheSpec(dtype=dtype, seed=0), CacheSpec(dtype=dtype, seed=1)
+    prefill = Endpoint.remote("sender", "ray", SENDER_ID, asdict(src_spec))
+    decode = Endpoint.remote("receiver", "ray", RECEIVER_ID, asdict(dst_spec))
+    ray.get(prefill.connect.remote(RECEIVER_ID, ray.get(decode.endpoint_info.remote())))
+
+    meta = make_meta(src_spec, f"t-ray-{dtype}")
+    result = ray.get(prefill.send.remote(RECEIVER_ID, meta), timeout=60)
+    assert len(result.ticket.payload) == meta.num_layers
+    assert ray.get(decode.recv.remote(result.ticket, 30.0), timeout=60) == result.num_bytes == meta.num_bytes
+
+    got = ray.get(decode.blocks.remote(range(dst_spec.num_blocks)))
+    assert_landed(src_spec.make(), got, dst_spec.make(), SRC_BLOCKS, DST_BLOCKS)
+    assert ray.get(decode.stats.remote())["num_ok"] == 1
+    for actor in (prefill, decode):
+        ray.kill(actor)
