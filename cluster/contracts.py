@@ -1,0 +1,105 @@
+"""Typed messages exchanged between the router and the three worker pools.
+
+These are the only objects that cross actor boundaries (Ray serialises them; no socket the project
+opens ever carries them). All are frozen dataclasses so a message cannot change after it is sent.
+
+A request's path through the cluster, and the message at each hop:
+
+    router --EncodeItem[]--> EncoderWorker.encode            -> list[Tensor [num_tokens, hidden]]
+    router --(request_id, num_prompt_tokens, max_tokens)--> DecodeWorker.reserve -> Reservation
+    router --PrefillRequest + embeddings ref + Reservation--> PrefillWorker.prefill
+           <-- PrefillFirstToken (at once), then KVShipped (after the KV landed on the decode worker)
+    router --DecodeRequest--> DecodeWorker.generate          <-- DecodeOutput ... (last one has finish_reason)
+
+Every actor answers ``ready() -> WorkerInfo`` once its model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.engine.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class EncodeItem:
+    """One media item for an encoder worker."""
+
+    content_hash: str  # hex digest of (media bytes + preprocessing params); the encoder cache key
+    mime_type: str  # e.g. "image/png", "audio/wav"; picks the decoder and the encoder tower
+    data: bytes  # the raw media bytes as the client sent them
+
+
+@dataclass(frozen=True)
+class PrefillRequest:
+    """What a prefill worker needs to run one prompt (the media embeddings travel separately)."""
+
+    request_id: str  # unique per request across the cluster
+    prompt_token_ids: list[int]  # the expanded prompt: placeholders already repeated to each item's token count
+    media_offsets: list[int]  # token index in prompt_token_ids where each media item's embedding starts, in item order
+    sampling: SamplingParams  # validated sampling params (the first token is sampled with these)
+    eos_token_ids: tuple[int, ...]  # the model's EOS ids (first token may already be EOS)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """KV blocks a decode worker set aside for one request (prompt + max_tokens, capped at max_model_len)."""
+
+    worker_id: str  # the decode worker holding the blocks
+    request_id: str  # the request the blocks belong to
+    block_ids: list[int]  # physical block ids in the decode worker's paged KV cache, in logical order
+    kv_endpoint: dict[str, Any] = field(default_factory=dict)  # transport-specific address info of the decode side
+
+
+@dataclass(frozen=True)
+class PrefillFirstToken:
+    """Yielded by PrefillWorker.prefill as soon as the first token is sampled (before any KV moves)."""
+
+    token_id: int  # the first generated token
+    prefill_s: float  # seconds from the worker accepting the request to the token being sampled (queue + compute)
+    # Seeded non-greedy sampling only: the request's torch.Generator state after the first sample
+    # (CPU uint8 bytes); pass it on in DecodeRequest.sampler_state so decode continues the same stream.
+    sampler_state: bytes | None = None
+
+
+@dataclass(frozen=True)
+class KVShipped:
+    """Yielded by PrefillWorker.prefill once the request's KV is in the decode worker's reserved blocks."""
+
+    num_bytes: int  # bytes of KV payload sent (all layers, K and V, prompt tokens only)
+    seconds: float  # wall seconds the transfer took on the prefill side (connect + send + ack)
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """Starts decoding a request whose KV has landed in its reservation."""
+
+    request_id: str  # same id as the reservation
+    num_prompt_tokens: int  # prompt length in tokens (= tokens whose KV is in the reserved blocks)
+    prompt_token_ids: list[int]  # the prompt (only its length matters to decode; kept for logging/debugging)
+    first_token: int  # the token prefill sampled; decode starts by feeding it
+    sampling: SamplingParams  # validated sampling params
+    eos_token_ids: tuple[int, ...]  # the model's EOS ids
+    sampler_state: bytes | None = None  # PrefillFirstToken.sampler_state (seeded sampling); None otherwise
+
+
+@dataclass(frozen=True)
+class DecodeOutput:
+    """One chunk of a decode stream: new tokens since the last chunk."""
+
+    token_ids: list[int]  # newly generated tokens (may be empty on the final chunk)
+    # None while running; on the last chunk "stop" (eos / stop token), "length" (max_tokens or
+    # max_model_len), "abort" (DecodeWorker.abort or a cancelled stream) or "error" (worker failure)
+    finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Identity of a ready worker actor."""
+
+    worker_id: str  # unique id, e.g. "decode-0"
+    pool: str  # "encoder" | "prefill" | "decode"
+    node_id: str  # Ray node id the actor runs on
+    pid: int  # OS process id of the actor
+    address: str | None = None  # host/IP of the node, if known

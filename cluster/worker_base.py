@@ -1,0 +1,189 @@
+"""Plumbing shared by the three worker actors (encoder, prefill, decode).
+
+Each worker is a Ray *async* actor: its methods are coroutines on one event loop, and its engine
+runs as one background task on that loop (``BaseWorker._engine_loop``), started lazily by the
+first call. Blocking work (a model forward, a KV send/receive) runs in a worker thread through
+``run_blocking`` so the loop keeps accepting requests and streaming tokens meanwhile.
+
+What lives here: thread setup (torch intra-op threads, 1 by default: the CPU machines this runs on
+in tests have 2 cores and oversubscription makes a tiny model ~30x slower), ``ready()`` /
+``load()`` / ``shutdown()``, the background-loop lifecycle, and the Ray actor options a
+``PoolConfig`` turns into (``actor_options`` / ``start_worker``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+import torch
+
+from cluster.contracts import WorkerInfo
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def set_torch_threads(num_threads: int) -> None:
+    """Intra-op threads for this process (and interop where still settable)."""
+    torch.set_num_threads(max(1, int(num_threads)))
+    try:
+        torch.set_num_interop_threads(max(1, int(num_threads)))
+    except RuntimeError:  # already set, or parallel work already started: harmless
+        pass
+
+
+class BaseWorker:
+    """Identity, lifecycle and the background-loop scaffolding of a worker actor."""
+
+    pool: str = ""  # "encoder" | "prefill" | "decode"
+
+    def __init__(self, worker_id: str, torch_threads: int = 1):
+        set_torch_threads(torch_threads)
+        self.worker_id = worker_id
+        self._model_executor = ThreadPoolExecutor(1, thread_name_prefix=f"{worker_id}-model")
+        self._loop_task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self._closed = False
+
+    # -- the background loop ---------------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        """Start the engine loop on the actor's event loop (the constructor has no loop)."""
+        if self._closed:
+            raise RuntimeError(f"worker {self.worker_id} is shut down")
+        if self._loop_task is None:
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run_engine_loop())
+
+    def _notify(self) -> None:
+        """Tell the engine loop there is something to do."""
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _wait_for_work(self, timeout_s: float | None = None) -> None:
+        assert self._wake is not None
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        self._wake.clear()
+
+    async def _run_engine_loop(self) -> None:
+        try:
+            await self._engine_loop()
+        except asyncio.CancelledError:
+            raise
+        except BaseException:  # a bug: make it loud, and fail whatever waits on the loop
+            logger.exception("%s: engine loop crashed", self.worker_id)
+            self._on_loop_crash()
+            raise
+
+    async def _engine_loop(self) -> None:  # receive -> schedule -> execute -> post-process -> send
+        raise NotImplementedError
+
+    def _on_loop_crash(self) -> None:
+        """Fail every waiter (subclasses); the worker is unusable afterwards."""
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any, executor: ThreadPoolExecutor | None = None) -> T:
+        """Run ``fn(*args)`` in a thread (the model thread by default) without blocking the loop."""
+        return await asyncio.get_running_loop().run_in_executor(executor or self._model_executor, fn, *args)
+
+    # -- what every worker answers -----------------------------------------------------------
+    async def ready(self) -> WorkerInfo:
+        """Returns once the model is loaded (the constructor did that); starts the engine loop."""
+        self._ensure_loop()
+        return WorkerInfo(self.worker_id, self.pool, _node_id(), os.getpid(), _node_ip())
+
+    async def load(self) -> dict[str, Any]:
+        """Counters for routing and cluster status; ``healthy`` is False once the loop died."""
+        crashed = self._loop_task is not None and self._loop_task.done()
+        return {"worker_id": self.worker_id, "pool": self.pool, "healthy": not (crashed or self._closed),
+                **self._load()}
+
+    def _load(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def shutdown(self) -> None:
+        """Stop the engine loop and fail/free what is in flight; the actor can then be killed."""
+        self._closed = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except BaseException:  # noqa: BLE001 — cancelled or crashed: either way it stopped
+                pass
+        self._on_shutdown()
+        self._model_executor.shutdown(wait=False, cancel_futures=True)
+
+    def _on_shutdown(self) -> None:
+        pass
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 — not in Ray (unit tests)
+        return "local"
+
+
+def _node_ip() -> str | None:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Starting workers from a PoolConfig
+# ------------------------------------------------------------------------------------------------
+
+def actor_options(pool_config, *, name: str | None = None, namespace: str | None = None) -> dict[str, Any]:
+    """Ray ``.options(...)`` for one worker of a pool (``cluster.config.PoolConfig``)."""
+    opts: dict[str, Any] = {
+        "num_cpus": pool_config.num_cpus,
+        "num_gpus": pool_config.num_gpus,
+        "max_concurrency": 1000,  # async actor: concurrent requests, streams and KV receives
+    }
+    if pool_config.resources:
+        opts["resources"] = dict(pool_config.resources)
+    strategy = getattr(pool_config, "scheduling_strategy", "DEFAULT")
+    if strategy != "DEFAULT":
+        opts["scheduling_strategy"] = strategy
+    if name is not None:
+        opts["name"] = name
+        if namespace is not None:
+            opts["namespace"] = namespace
+    return opts
+
+
+def start_worker(worker_cls: type, pool_config, engine_config, worker_id: str, *, name: str | None = None,
+                 namespace: str | None = None, **worker_kwargs: Any):
+    """Create one worker actor; ``await handle.ready.remote()`` (or ray.get) waits for its model."""
+    import ray
+
+    remote_cls = ray.remote(worker_cls)
+    kwargs = {"torch_threads": getattr(pool_config, "torch_threads", 1), **worker_kwargs}
+    return remote_cls.options(**actor_options(pool_config, name=name, namespace=namespace)).remote(
+        engine_config, worker_id, **kwargs)
+
+
+def make_kv_endpoint(role: str, transport: str, endpoint_id: str, *, timeout_s: float, host: str, device: str):
+    """A KV sender (``role="sender"``) or receiver of ``transport`` with the options it takes:
+    every transport a deadline; gloo/nccl receivers bind their rendezvous store (and gloo its
+    sockets) to ``host``; nccl runs on ``device``."""
+    from cluster.kv_transfer import make_kv_receiver, make_kv_sender
+
+    opts: dict[str, Any] = {"timeout_s": timeout_s}
+    if transport == "gloo" or (transport == "nccl" and role == "receiver"):
+        opts["host"] = host
+    if transport == "nccl":
+        opts["device"] = device
+    make = make_kv_sender if role == "sender" else make_kv_receiver
+    return make(transport, **{("sender_id" if role == "sender" else "receiver_id"): endpoint_id}, **opts)

@@ -1,0 +1,326 @@
+"""``DecodeWorker``: block reservation, KV receive into paged blocks, continuous-batching decode.
+
+A request's life inside the worker (one ``_Slot`` per request id)::
+
+    reserve(id, prompt, max_tokens) ─▶ RESERVED    blocks for prompt + max_tokens (<= max_model_len)
+    kv_expect(id, prefill_id)       ─▶ EXPECTING   a transfer is coming: blocks held until it ends
+    kv_receive(id, ticket)          ─▶ LANDED      (recv thread) KV scattered into the reserved blocks
+    generate(DecodeRequest)         ─▶ RUNNING     Request(num_computed=len(prompt), output=[first])
+                                                   joins the running batch (Scheduler.add_running)
+    engine loop: aborts -> schedule (one token per running request) -> execute (model thread)
+                 -> post-process (append, token-level stops) -> send (each request's asyncio.Queue)
+    generate yields DecodeOutput(new tokens, None) ... DecodeOutput(tokens, "stop"|"length"|"abort")
+
+Freeing: finish (stop/length) and abort free the blocks in the engine loop, between steps, so a
+step in flight never writes into a block someone else got. ``abort`` frees a RESERVED/LANDED
+slot at once; an EXPECTING one when its transfer ends (the sender is mid-send and must be drained);
+a cancelled ``generate`` aborts its request. Reservations nobody uses are freed after
+``reservation_ttl_s``. Because a reservation covers max_tokens, decode never preempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cluster.config import EngineConfig, KVTransferConfig
+from cluster.contracts import DecodeOutput, DecodeRequest, Reservation
+from cluster.engine.block_manager import BlockManager, NoFreeBlocksError
+from cluster.engine.colocated import num_kv_blocks, resolve_engine_model, resolve_max_model_len
+from cluster.engine.model_runner import ModelRunner
+from cluster.engine.request import Request, RequestStatus
+from cluster.engine.scheduler import Scheduler, SchedulerConfig
+from cluster.kv_transfer import KVTicket, KVTransferError
+from cluster.worker_base import BaseWorker, make_kv_endpoint
+from models.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+
+class SlotState(enum.Enum):
+    RESERVED = "reserved"  # blocks set aside, no KV yet
+    EXPECTING = "expecting"  # a prefill worker announced (kv_expect) or is sending (kv_receive) the KV
+    LANDED = "landed"  # KV in the blocks, waiting for generate()
+    RUNNING = "running"  # in the decode batch; the blocks belong to the scheduler's Request
+
+
+@dataclass
+class _Slot:
+    request_id: str
+    block_ids: list[int]  # reserved block ids (emptied when handed to the running Request)
+    state: SlotState = SlotState.RESERVED
+    created: float = field(default_factory=time.monotonic)
+    expect_until: float = 0.0  # EXPECTING with no receive running: freed after this (monotonic s)
+    is_receiving: bool = False
+    is_aborted: bool = False
+    error: str | None = None
+    landed: asyncio.Event = field(default_factory=asyncio.Event)  # set when the receive ended (ok or not)
+    req: Request | None = None
+    queue: asyncio.Queue | None = None  # (token_ids, finish_reason | None) from the engine loop
+
+
+class DecodeWorker(BaseWorker):
+    pool = "decode"
+
+    def __init__(self, engine: EngineConfig, worker_id: str, kv_transfer: KVTransferConfig | None = None, *,
+                 reservation_ttl_s: float = 300.0, max_concurrent_receives: int = 16, torch_threads: int = 1):
+        super().__init__(worker_id, torch_threads)
+        self.config = engine
+        self.kv_config = kv_transfer or KVTransferConfig()
+        model = load_model(resolve_engine_model(engine), dtype=engine.torch_dtype, device=engine.device,
+                           parts=("language_model",))
+        lm = model.language_model
+        num_blocks = num_kv_blocks(engine, lm)
+        self.runner = ModelRunner(lm, num_blocks, engine.block_size, engine.torch_dtype, engine.device)
+        self.max_model_len = resolve_max_model_len(engine, model.text_config, num_blocks)
+        self.blocks = BlockManager(num_blocks, engine.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(engine.max_num_seqs, engine.max_num_batched_tokens, self.max_model_len), self.blocks)
+        self.receiver = make_kv_endpoint("receiver", self.kv_config.transport, worker_id,
+                                         timeout_s=self.kv_config.timeout_s, host=self.kv_config.interface,
+                                         device=engine.device)
+        self._recv_executor = ThreadPoolExecutor(max_concurrent_receives, thread_name_prefix=f"{worker_id}-kv")
+        self.reservation_ttl_s = reservation_ttl_s
+        self._slots: dict[str, _Slot] = {}
+        self._aborts: dict[str, list[asyncio.Future]] = {}  # RUNNING requests to abort between steps
+        self._next_sweep = 0.0
+        self._num_finished = 0
+        self._handle = None  # this actor's own handle, named in reservations for the prefill side
+
+    # -- reservation and KV receive --------------------------------------------------------
+    async def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int) -> Reservation:
+        """Blocks for prompt + max_tokens; raises NoFreeBlocksError when this worker is full."""
+        self._ensure_loop()
+        if request_id in self._slots:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        if not 0 < num_prompt_tokens < self.max_model_len:
+            raise ValueError(f"prompt of {num_prompt_tokens} tokens; the context length is {self.max_model_len}")
+        if len(self._slots) >= self.config.max_num_seqs:
+            raise NoFreeBlocksError(f"{self.worker_id} holds max_num_seqs={self.config.max_num_seqs} requests")
+        num_tokens = min(num_prompt_tokens + max_tokens, self.max_model_len)
+        block_ids = self.blocks.allocate(self.blocks.blocks_for_tokens(num_tokens))  # NoFreeBlocksError
+        self._slots[request_id] = _Slot(request_id, block_ids)
+        if self._handle is None:
+            import ray
+
+            self._handle = ray.get_runtime_context().current_actor
+        endpoint = {"actor": self._handle, "transport": self.kv_config.transport, "receiver_id": self.worker_id}
+        return Reservation(self.worker_id, request_id, list(block_ids), endpoint)
+
+    async def kv_prepare_pair(self, peer_id: str) -> dict[str, Any]:
+        """The receiver's pair info for sender ``peer_id`` (msgpack-able; opens nothing)."""
+        return self.receiver.prepare_pair(peer_id)
+
+    async def kv_expect(self, request_id: str, sender_id: str) -> dict[str, Any]:
+        """A prefill worker is about to send this request's KV: from now on an abort keeps the
+        blocks until the transfer ends. Returns ``kv_prepare_pair(sender_id)``."""
+        slot = self._slots.get(request_id)
+        if slot is None or slot.is_aborted or slot.state is not SlotState.RESERVED:
+            raise KVTransferError(f"no open reservation for {request_id!r} on {self.worker_id}", transfer_id=request_id)
+        slot.state = SlotState.EXPECTING
+        slot.expect_until = time.monotonic() + self.kv_config.timeout_s + 5.0
+        return self.receiver.prepare_pair(sender_id)
+
+    async def kv_receive(self, request_id: str, ticket: KVTicket) -> int:
+        """Receive the KV ``ticket`` names into the reservation; returns payload bytes."""
+        slot = self._slots.get(request_id)
+        if slot is None or slot.state not in (SlotState.RESERVED, SlotState.EXPECTING) or slot.is_receiving:
+            raise KVTransferError(f"no reservation waiting for KV for {request_id!r} on {self.worker_id}",
+                                  transfer_id=ticket.meta.transfer_id)
+        slot.state, slot.is_receiving = SlotState.EXPECTING, True
+        dst = slot.block_ids[:ticket.meta.num_blocks]
+        recv = asyncio.get_running_loop().run_in_executor(
+            self._recv_executor, self.receiver.recv, ticket, self.runner.kv_cache, dst)
+        try:
+            num_bytes = await asyncio.shield(recv)
+        except asyncio.CancelledError:  # NOTE: the thread still writes into the blocks: free them after it
+            slot.is_aborted = True
+            recv.add_done_callback(lambda f: (f.cancelled() or f.exception(), self._release(slot)))
+            raise
+        except Exception as exc:
+            slot.is_receiving, slot.error = False, f"{type(exc).__name__}: {exc}"
+            self._release(slot)  # wakes a waiting generate(), which then fails
+            raise
+        slot.is_receiving = False
+        if slot.is_aborted:  # aborted mid-transfer: the data was drained, now let the blocks go
+            self._release(slot)
+        else:
+            slot.state = SlotState.LANDED
+            slot.landed.set()
+        return num_bytes
+
+    # -- decoding --------------------------------------------------------------------------
+    async def generate(self, request: DecodeRequest):
+        """Streaming generator of DecodeOutput; the first token (from prefill) is not repeated."""
+        self._ensure_loop()
+        rid = request.request_id
+        slot = self._slots.get(rid)
+        if slot is None or slot.is_aborted or slot.state is SlotState.RUNNING:
+            raise ValueError(f"no reservation for {rid!r} on {self.worker_id} (aborted, expired or running)")
+        req = self._make_request(request)
+        status = req.check_stop(self.max_model_len)
+        if status is not None:  # the first token ended it (prefill shipped no KV)
+            self._abort_slot(slot)
+            yield DecodeOutput([], status.value)
+            return
+        if slot.state is not SlotState.LANDED:
+            try:
+                await asyncio.wait_for(slot.landed.wait(), self.kv_config.timeout_s)
+            except asyncio.TimeoutError:
+                self._abort_slot(slot)
+                raise KVTransferError(f"KV for {rid!r} did not land within {self.kv_config.timeout_s}s") from None
+            if slot.state is not SlotState.LANDED:
+                raise KVTransferError(f"KV for {rid!r} did not land: {slot.error or 'aborted'}")
+        req.block_ids, slot.block_ids = slot.block_ids, []
+        slot.state, slot.req, slot.queue = SlotState.RUNNING, req, asyncio.Queue()
+        self.scheduler.add_running(req)
+        self._notify()
+        finished = False
+        try:
+            while not finished:
+                token_ids, reason = await _next_output(slot.queue)
+                finished = reason is not None
+                yield DecodeOutput(token_ids, reason)
+        finally:
+            if not finished:  # cancelled or closed by the consumer
+                self._aborts.setdefault(rid, [])
+                self._notify()
+
+    async def abort(self, request_id: str) -> bool:
+        """Free everything the request holds (a running one at the next step boundary)."""
+        slot = self._slots.get(request_id)
+        if slot is None:
+            return False
+        if slot.state is not SlotState.RUNNING:
+            self._abort_slot(slot)
+            return True
+        done = asyncio.get_running_loop().create_future()
+        self._aborts.setdefault(request_id, []).append(done)
+        self._notify()
+        await done
+        return True
+
+    # -- the loop --------------------------------------------------------------------------
+    async def _engine_loop(self) -> None:
+        while True:
+            self._apply_aborts()  # receive (requests joined through generate())
+            self._sweep_expired()
+            batch = self.scheduler.schedule()  # schedule: one token per running request
+            if batch is None:
+                await self._wait_for_work(timeout_s=1.0)
+                continue
+            if self.scheduler.waiting:  # reservations cover max_tokens: this is a bug
+                raise RuntimeError("decode scheduler preempted a request")
+            tokens = await self.run_blocking(self.runner.execute, batch)  # execute
+            self._postprocess(batch, tokens)  # post-process + send
+
+    def _postprocess(self, batch, tokens: list[int | None]) -> None:
+        for req, num_new, token in zip(batch.requests, batch.num_new_tokens, tokens):
+            req.num_computed_tokens += num_new
+            req.append_token(token)
+            status = req.check_stop(self.max_model_len)
+            slot = self._slots[req.request_id]
+            if status is not None:
+                self.scheduler.finish(req, status)  # frees the blocks
+                del self._slots[req.request_id]
+                self._num_finished += 1
+            slot.queue.put_nowait(([token], status.value if status else None))
+
+    def _apply_aborts(self) -> None:
+        aborts, self._aborts = self._aborts, {}
+        for rid, waiters in aborts.items():
+            slot = self._slots.get(rid)
+            if slot is not None and slot.state is SlotState.RUNNING:
+                self.scheduler.finish(slot.req, RequestStatus.FINISHED_ABORTED)  # frees the blocks
+                del self._slots[rid]
+                slot.queue.put_nowait(([], RequestStatus.FINISHED_ABORTED.value))
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(True)
+
+    def _sweep_expired(self) -> None:
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 1.0
+        for slot in list(self._slots.values()):
+            idle = slot.state in (SlotState.RESERVED, SlotState.LANDED) and now - slot.created > self.reservation_ttl_s
+            stale = slot.state is SlotState.EXPECTING and not slot.is_receiving and now > slot.expect_until
+            if idle or stale:
+                logger.warning("%s: freeing unused reservation %s (%s)", self.worker_id, slot.request_id,
+                               slot.state.value)
+                self._release(slot)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _abort_slot(self, slot: _Slot) -> None:
+        """Abort a slot that is not running: free now, or when its transfer ends."""
+        slot.is_aborted = True
+        if not slot.is_receiving and slot.state is not SlotState.EXPECTING:
+            self._release(slot)
+        # EXPECTING without a receive yet: the sweep frees it if the sender never comes
+
+    def _release(self, slot: _Slot) -> None:
+        if slot.block_ids:
+            self.blocks.free(slot.block_ids)
+            slot.block_ids = []
+        if self._slots.get(slot.request_id) is slot:
+            del self._slots[slot.request_id]
+        slot.landed.set()
+
+    def _make_request(self, request: DecodeRequest) -> Request:
+        prompt = list(request.prompt_token_ids)
+        if len(prompt) != request.num_prompt_tokens:  # only the length matters on this side
+            prompt = [0] * request.num_prompt_tokens
+        req = Request(request.request_id, prompt, request.sampling, eos_token_ids=frozenset(request.eos_token_ids),
+                      output_token_ids=[request.first_token], num_computed_tokens=request.num_prompt_tokens)
+        if request.sampler_state is not None and req.sampler.generator is not None:
+            req.sampler.generator.set_state(torch.frombuffer(bytearray(request.sampler_state), dtype=torch.uint8))
+        return req
+
+    def _on_loop_crash(self) -> None:
+        for slot in list(self._slots.values()):
+            if slot.queue is not None:
+                slot.queue.put_nowait(([], RequestStatus.FINISHED_ERROR.value))
+        for waiters in self._aborts.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(False)
+
+    def _on_shutdown(self) -> None:
+        self._on_loop_crash()
+        self.receiver.close()
+        self._recv_executor.shutdown(wait=False, cancel_futures=True)
+
+    def _load(self) -> dict[str, Any]:
+        stats = self.receiver.stats()
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_reserved": sum(1 for s in self._slots.values() if s.state is not SlotState.RUNNING),
+            "num_finished": self._num_finished,
+            "kv_blocks_free": self.blocks.num_free_blocks,
+            "kv_blocks_total": self.blocks.num_blocks,
+            "max_model_len": self.max_model_len,
+            "kv_transport": self.kv_config.transport,
+            "kv_bytes_received": stats.num_bytes,
+            "kv_transfers_ok": stats.num_ok,
+            "kv_transfers_failed": stats.num_failed,
+            "kv_pairs": stats.num_pairs,
+        }
+
+
+async def _next_output(queue: asyncio.Queue) -> tuple[list[int], str | None]:
+    """Everything the loop produced since the last read, as one chunk (a slow reader gets
+    several tokens at once instead of a growing backlog)."""
+    token_ids, reason = await queue.get()
+    token_ids = list(token_ids)
+    while reason is None and not queue.empty():
+        more, reason = queue.get_nowait()
+        token_ids += more
+    return token_ids, reason

@@ -1,0 +1,217 @@
+"""``PrefillWorker``: prompt (+ media embeddings) -> first token at once, then KV to decode.
+
+A request's life inside the worker::
+
+    prefill(PrefillRequest, embeddings, Reservation)        [streaming generator, one per request]
+      │ Request(prompt, media=MediaSlot(offset, emb)) -> scheduler.add         WAITING
+      ▼
+    engine loop (one task):  aborts -> schedule -> execute (model thread) -> post-process
+      │ admitted with blocks for the whole prompt; chunked by max_num_batched_tokens,
+      │ batched with other queued prompts                                        RUNNING
+      ▼ first token sampled: the request leaves the scheduler, its blocks stay held
+    yield PrefillFirstToken(token)          <- TTFT: nothing below delays it
+      │ ship task (send thread):
+      │   decode.kv_expect(request_id, me) -> pair info    (decode now waits for this transfer)
+      │   run_kv_transfer(my blocks -> reservation.block_ids[:n]), decode.kv_receive(ticket)
+      │   free my blocks                                   (always: success, failure, cancel)
+    yield KVShipped(num_bytes, seconds)     or raise KVTransferError
+
+Cancelling the generator before the first token removes the request at the next step boundary
+(the engine loop is the only place blocks of scheduled requests are freed, so a step in flight
+never writes into a freed block); after it the ship task runs to completion and frees the blocks.
+When the first token already ends the request (EOS, max_tokens=1, ...) nothing is shipped and
+``KVShipped(0, 0.0)`` follows; the decode worker ends such a request without KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from cluster.config import EngineConfig, KVTransferConfig
+from cluster.contracts import KVShipped, PrefillFirstToken, PrefillRequest, Reservation
+from cluster.engine.block_manager import BlockManager
+from cluster.engine.colocated import num_kv_blocks, resolve_engine_model, resolve_max_model_len
+from cluster.engine.model_runner import ModelRunner
+from cluster.engine.request import MediaSlot, Request, RequestStatus
+from cluster.engine.scheduler import Scheduler, SchedulerConfig
+from cluster.kv_transfer import KVTransferError, KVTransferMeta, iter_kv_layers, run_kv_transfer
+from cluster.worker_base import BaseWorker, make_kv_endpoint
+from models.loader import load_model
+
+
+class PrefillWorker(BaseWorker):
+    pool = "prefill"
+
+    def __init__(self, engine: EngineConfig, worker_id: str, kv_transfer: KVTransferConfig | None = None, *,
+                 max_concurrent_sends: int = 4, torch_threads: int = 1):
+        super().__init__(worker_id, torch_threads)
+        self.config = engine
+        self.kv_config = kv_transfer or KVTransferConfig()
+        model = load_model(resolve_engine_model(engine), dtype=engine.torch_dtype, device=engine.device,
+                           parts=("language_model",))
+        lm = model.language_model
+        num_blocks = num_kv_blocks(engine, lm)
+        self.device = torch.device(engine.device)
+        self.runner = ModelRunner(lm, num_blocks, engine.block_size, engine.torch_dtype, engine.device)
+        self.max_model_len = resolve_max_model_len(engine, model.text_config, num_blocks)
+        self.blocks = BlockManager(num_blocks, engine.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(engine.max_num_seqs, engine.max_num_batched_tokens, self.max_model_len), self.blocks)
+        self.sender = make_kv_endpoint("sender", self.kv_config.transport, worker_id,
+                                       timeout_s=self.kv_config.timeout_s, host=self.kv_config.interface,
+                                       device=engine.device)
+        self._send_executor = ThreadPoolExecutor(max_concurrent_sends, thread_name_prefix=f"{worker_id}-kv")
+        self._requests: dict[str, Request] = {}  # in the scheduler (waiting or mid-prefill)
+        self._first_token: dict[str, asyncio.Future] = {}  # -> (token_id, block_ids held for the send)
+        self._aborts: set[str] = set()  # cancelled before their first token; applied between steps
+        self._num_shipping = 0
+        self._num_prefilled = 0
+        self._transfer_ids = itertools.count()
+
+    # -- API -------------------------------------------------------------------------------
+    async def prefill(self, request: PrefillRequest, embeddings: list[torch.Tensor] | None,
+                      reservation: Reservation):
+        """Streaming generator: PrefillFirstToken, then KVShipped (or KVTransferError)."""
+        self._ensure_loop()
+        start = time.perf_counter()
+        req = self._make_request(request, embeddings or [])
+        rid = req.request_id
+        future = asyncio.get_running_loop().create_future()
+        self.scheduler.add(req)  # raises ValueError for a prompt larger than the whole cache
+        self._requests[rid], self._first_token[rid] = req, future
+        self._notify()
+        try:
+            token_id, block_ids = await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():  # token came as we were cancelled
+                self.blocks.free(future.result()[1])
+            else:
+                self._aborts.add(rid)
+                self._notify()
+            raise
+        prefill_s = time.perf_counter() - start
+        state = req.sampler.generator.get_state().numpy().tobytes() if req.sampler.generator is not None else None
+        if req.check_stop(self.max_model_len) is not None:  # the first token ends it: no KV needed
+            self.blocks.free(block_ids)
+            yield PrefillFirstToken(token_id, prefill_s, state)
+            yield KVShipped(0, 0.0)
+            return
+        # The ship task owns the blocks from here on and frees them whatever happens to us.
+        ship = asyncio.get_running_loop().create_task(self._ship(req, block_ids, reservation))
+        ship.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if we are gone
+        yield PrefillFirstToken(token_id, prefill_s, state)
+        yield await asyncio.shield(ship)
+
+    # -- the loop --------------------------------------------------------------------------
+    async def _engine_loop(self) -> None:
+        while True:
+            self._apply_aborts()  # receive (new requests were added by prefill() directly)
+            batch = self.scheduler.schedule()  # schedule: prompts, chunked under the token budget
+            if batch is None:
+                await self._wait_for_work()
+                continue
+            tokens = await self.run_blocking(self.runner.execute, batch)  # execute
+            self._postprocess(batch, tokens)  # post-process + send (wake the generators)
+
+    def _postprocess(self, batch, tokens: list[int | None]) -> None:
+        for req, num_new, token in zip(batch.requests, batch.num_new_tokens, tokens):
+            req.num_computed_tokens += num_new
+            if token is None:  # mid-prompt chunk: more next step
+                continue
+            req.append_token(token)
+            # Prefill-only: the request leaves the scheduler; its blocks stay held for the send.
+            block_ids, req.block_ids = req.block_ids, []
+            self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+            del self._requests[req.request_id]
+            future = self._first_token.pop(req.request_id)
+            self._num_prefilled += 1
+            if future.cancelled():
+                self.blocks.free(block_ids)
+            else:
+                future.set_result((token, block_ids))
+
+    def _apply_aborts(self) -> None:
+        while self._aborts:
+            rid = self._aborts.pop()
+            req = self._requests.pop(rid, None)
+            self._first_token.pop(rid, None)
+            if req is not None:
+                self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)  # frees its blocks
+
+    # -- KV shipping -----------------------------------------------------------------------
+    async def _ship(self, req: Request, block_ids: list[int], reservation: Reservation) -> KVShipped:
+        start = time.perf_counter()
+        self._num_shipping += 1
+        try:
+            decode = reservation.kv_endpoint["actor"]
+            peer_id = reservation.worker_id
+            if len(reservation.block_ids) < len(block_ids):
+                raise KVTransferError(f"reservation has {len(reservation.block_ids)} blocks, the prompt needs "
+                                      f"{len(block_ids)}")
+            # Tell decode a transfer is coming (it now keeps the blocks until it ends) and get
+            # the pair's current info (a restarted decode worker has a new incarnation).
+            info = await decode.kv_expect.remote(req.request_id, self.worker_id)
+            self.sender.connect(peer_id, info)  # no-op when unchanged; opens nothing
+            meta = KVTransferMeta.for_cache(
+                self.runner.kv_cache, request_id=req.request_id,
+                transfer_id=f"{req.request_id}/{self.worker_id}/{next(self._transfer_ids)}",
+                src_block_ids=block_ids, dst_block_ids=reservation.block_ids[:len(block_ids)],
+                num_tokens=req.num_prompt_tokens)
+            layers = iter_kv_layers(self.runner.kv_cache, block_ids)
+            _, received = await self.run_blocking(
+                run_kv_transfer, self.sender, peer_id, meta, layers,
+                lambda ticket: decode.kv_receive.remote(req.request_id, ticket),
+                executor=self._send_executor)
+            num_bytes = await received  # decode confirms the KV is in its blocks
+            return KVShipped(num_bytes, time.perf_counter() - start)
+        except KVTransferError:
+            raise
+        except Exception as exc:  # noqa: BLE001 — a Ray error from decode, a bad reservation, ...
+            raise KVTransferError(f"KV transfer to {reservation.worker_id} failed: {type(exc).__name__}: {exc}",
+                                  transfer_id=req.request_id) from exc
+        finally:
+            self.blocks.free(block_ids)
+            self._num_shipping -= 1
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _make_request(self, request: PrefillRequest, embeddings: list[torch.Tensor]) -> Request:
+        if len(embeddings) != len(request.media_offsets):
+            raise ValueError(f"{len(embeddings)} embeddings for {len(request.media_offsets)} media offsets")
+        if request.request_id in self._first_token:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        slots = [MediaSlot(off, emb.to(self.device)) for off, emb in zip(request.media_offsets, embeddings)]
+        return Request(request.request_id, list(request.prompt_token_ids), request.sampling, slots,
+                       frozenset(request.eos_token_ids))
+
+    def _on_loop_crash(self) -> None:
+        for future in self._first_token.values():
+            if not future.done():
+                future.set_exception(RuntimeError(f"prefill worker {self.worker_id} loop crashed"))
+
+    def _on_shutdown(self) -> None:
+        self._on_loop_crash()
+        self.sender.close()
+        self._send_executor.shutdown(wait=False, cancel_futures=True)
+
+    def _load(self) -> dict[str, Any]:
+        stats = self.sender.stats()
+        queued = list(self.scheduler.waiting) + list(self.scheduler.running)
+        return {
+            "num_queued_requests": len(queued),
+            "num_queued_tokens": sum(r.num_pending_tokens for r in queued),
+            "num_shipping": self._num_shipping,
+            "num_prefilled": self._num_prefilled,
+            "kv_blocks_free": self.blocks.num_free_blocks,
+            "kv_blocks_total": self.blocks.num_blocks,
+            "kv_transport": self.kv_config.transport,
+            "kv_bytes_sent": stats.num_bytes,
+            "kv_transfers_ok": stats.num_ok,
+            "kv_transfers_failed": stats.num_failed,
+            "kv_pairs": stats.num_pairs,
+        }
