@@ -2,6 +2,10 @@
 
     tessera make-tiny-model --arch ARCH OUT     write a tiny random-weight checkpoint
     tessera generate [--model DIR] ... PROMPT   run one request in-process (colocated engine)
+    tessera generate --server HOST:PORT ...     the same request through a running cluster (gRPC)
+    tessera serve [--model M] [--config F]      start the cluster (Ray pools + gRPC router)
+    tessera status --server HOST:PORT [--json]  pools, workers, load, KV-transfer counters
+    tessera demo                                start a tiny cluster, send image/audio requests, exit
 """
 
 from __future__ import annotations
@@ -39,12 +43,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_tiny_model)
 
     p = sub.add_parser("generate", help="generate for one prompt (in-process, or against --server)")
-    p.add_argument("--model", default="", help="model folder or hub id (default: the built-in tiny model)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--server", default="", metavar="HOST:PORT",
+                   help="send the request to a running `tessera serve` instead of running it in-process")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="deadline of the request (--server)")
+    p.add_argument("--model", default="",
+                   help="model folder or hub id (default: the built-in tiny model; with --server: the server's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="in-process only (a server runs its configured dtype)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="in-process only")
     _add_sampling_flags(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="start the cluster: encoder/prefill/decode pools on Ray behind a gRPC router")
+    _add_cluster_flags(p)
+    p.add_argument("--address", default=None, metavar="RAY_ADDRESS",
+                   help="join this Ray cluster (e.g. auto, or 10.0.0.1:6379) instead of starting a local instance")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="show the pools, their workers' load and the KV-transfer counters")
+    p.add_argument("--server", required=True, metavar="HOST:PORT", help="address of `tessera serve`'s gRPC port")
+    p.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", help="start a local tiny cluster, send real requests over gRPC, print them, exit")
+    p.add_argument("--arch", action="append", choices=["llava-clip-llama", "llava-siglip-qwen2", "qwen2-audio"],
+                   help="tiny model(s) to demo (repeatable; default: llava-clip-llama with an image, "
+                        "then qwen2-audio with an audio clip)")
+    p.add_argument("--max-tokens", type=int, default=24, help="tokens to generate per request")
+    p.add_argument("--config", type=Path, default=None, help="cluster config YAML (pools, transport)")
+    p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model folder or hub id (default: the built-in tiny model)")
+    p.add_argument("--config", type=Path, default=None, help="cluster config YAML (see `python -m cluster.config`)")
+    p.add_argument("--host", default=None, help="address the gRPC server binds to (default 127.0.0.1)")
+    p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 50051; 0 picks a free one)")
+    p.add_argument("--http-port", type=int, default=None, help="HTTP port for the OpenAI-compatible API (default 8000)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"])
+
+
+def cluster_config(args):
+    """The config file (or defaults) with the command-line flags applied on top."""
+    from cluster.config import ClusterConfig
+
+    config = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
+    engine = {k: v for k, v in (("model", args.model), ("dtype", args.dtype), ("device", args.device))
+              if v is not None}
+    router = {k: v for k, v in (("host", args.host), ("grpc_port", args.grpc_port), ("http_port", args.http_port))
+              if v is not None}
+    return config.with_overrides(engine=engine, router=router)
 
 
 def cmd_make_tiny_model(args) -> int:
@@ -78,6 +128,8 @@ def chat_messages(args) -> list[dict]:
 
 
 def cmd_generate(args) -> int:
+    if args.server:
+        return _generate_remote(args)
     from cluster.config import EngineConfig
     from cluster.engine.colocated import ColocatedEngine
     from cluster.engine.sampling import InvalidRequestError
@@ -99,6 +151,123 @@ def cmd_generate(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _generate_remote(args) -> int:
+    import grpc
+
+    from cluster.client import TesseraClient
+
+    media = media_inputs(args)
+    messages = None
+    if args.chat:
+        parts = [{"type": "media", "index": i} for i in range(len(media))]
+        messages = [{"role": "user", "content": parts + [{"type": "text", "text": args.prompt}]}]
+
+    def on_chunk(token_ids, text):
+        print(text, end="", flush=True)
+
+    with TesseraClient(args.server) as client:
+        try:
+            result = client.generate(None if messages else args.prompt, media, sampling_params(args),
+                                     messages=messages, timeout_s=args.timeout,
+                                     on_chunk=None if args.json else on_chunk)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print()
+        if result.finish_reason in ("abort", "error"):
+            print(f"error: request ended with {result.finish_reason}: {result.message}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import asyncio
+    import signal
+
+    from cluster.launch import Cluster, LaunchError, init_ray
+    from router.service import serve_forever
+
+    try:
+        config = cluster_config(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("starting the cluster: Ray, then "
+          + ", ".join(f"{n} {p.num_workers}" for n, p in config.pools.items()) + " workers ...", flush=True)
+    cluster = Cluster(config, address=args.address)
+    try:
+        cluster.adopt_ray(init_ray(args.address))
+        # SIGTERM while the workers start: unwind like Ctrl-C so they (and a local Ray) are shut
+        # down. Installed after ray.init, which sets a SIGTERM handler of its own.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+        cluster.start()
+
+        def on_ready(grpc_address: str) -> None:
+            print(f"Tessera is serving {config.engine.model or 'the built-in tiny model'} ({cluster.model_dir})")
+            print(f"  gRPC     {grpc_address}   (tessera generate --server {grpc_address} ...; "
+                  f"tessera status --server {grpc_address})")
+            print(f"  HTTP     port {config.router.http_port} reserved: the OpenAI-compatible API is not part of "
+                  "this build yet")
+            print(f"  Ray      {args.address or 'local instance'}; KV transport {config.kv_transfer.transport}")
+            print("Press Ctrl-C to stop.", flush=True)
+
+        asyncio.run(serve_forever(cluster, on_ready))
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        print("shutting down ...", flush=True)
+        cluster.shutdown()
+    print("stopped", flush=True)
+    return 0
+
+
+def cmd_status(args) -> int:
+    import grpc
+
+    from cluster.client import TesseraClient
+
+    with TesseraClient(args.server) as client:
+        try:
+            status = client.status()
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(status))
+        return 0
+    print(format_status(status))
+    return 0
+
+
+def format_status(status: dict) -> str:
+    lines = [f"{'worker':<12} {'state':<9} {'queued':>7} {'q.tokens':>9} {'running':>8} {'kv free/total':>15} "
+             f"{'cache hit/miss':>15}"]
+    for pool in status["pools"].values():
+        for w in pool["workers"]:
+            kv = f"{w['num_kv_blocks_free']}/{w['num_kv_blocks_total']}" if w["num_kv_blocks_total"] else "-"
+            hits = w["num_encoder_cache_hits"] + w["num_encoder_cache_misses"]
+            cache = f"{w['num_encoder_cache_hits']}/{w['num_encoder_cache_misses']}" if hits else "-"
+            lines.append(f"{w['id']:<12} {w['state']:<9} {w['num_queued_requests']:>7} {w['num_queued_tokens']:>9} "
+                         f"{w['num_running_requests']:>8} {kv:>15} {cache:>15}")
+    kv = status["kv_transfer"]
+    lines.append(f"KV transfer ({kv['transport']}): {kv['bytes']} bytes in {kv['transfers_completed']} transfers, "
+                 f"{kv['transfers_failed']} failed")
+    return "\n".join(lines)
+
+
+def cmd_demo(args) -> int:
+    from cluster.demo import run_demo
+
+    return run_demo(args.arch or ["llava-clip-llama", "qwen2-audio"], max_tokens=args.max_tokens,
+                    config_path=args.config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,10 +6,14 @@ the CLI help and the YAML reference in the README), and values are validated whe
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+import sys
+from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.processor import MediaLimits
 
@@ -49,3 +53,207 @@ class EngineConfig(_Closed):
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+
+# ------------------------------------------------------------------------------------------------
+# The cluster: pools of Ray actors, the KV transport between them, and the router in front.
+# ------------------------------------------------------------------------------------------------
+
+POOL_NAMES = ("encoder", "prefill", "decode")
+
+
+class PoolConfig(_Closed):
+    """One pool of identical workers (Ray actors) and what each worker asks Ray for.
+
+    Placement: a worker lands on a node that has all of ``num_cpus``, ``num_gpus`` and
+    ``resources`` free. To pin a pool to particular nodes, start those nodes with a custom
+    resource (``ray start --resources='{"decode_node": 8}'``) and ask for a little of it here
+    (``resources: {decode_node: 1}``).
+    """
+
+    num_workers: int = Field(1, ge=0, le=1024, description="workers started with the cluster")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs Ray reserves per worker (fractions allowed)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves per worker (fractions share one GPU)")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources per worker, e.g. {decode_node: 1}; pins the pool to nodes that have them")
+    torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per worker (CPU math)")
+    scheduling_strategy: Literal["DEFAULT", "SPREAD"] = Field(
+        "DEFAULT", description="Ray actor scheduling: DEFAULT packs by load, SPREAD spreads workers over nodes")
+
+    @field_validator("resources")
+    @classmethod
+    def _check_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"resource {name!r} is set with num_cpus / num_gpus, not in `resources`")
+            if not name or amount < 0:
+                raise ValueError(f"resource {name!r}: amounts must be >= 0")
+        return value
+
+
+class EncoderPoolConfig(PoolConfig):
+    """The encoder pool: a ``PoolConfig`` plus cross-request batching and the output cache."""
+
+    max_batch_size: int = Field(16, ge=1, le=1024, description="media items in one tower forward")
+    batch_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="how long a worker waits for more items before a forward, ms")
+    cache_mb: float = Field(
+        256.0, ge=0, description="encoder-output LRU cache per worker, MiB (keyed by media content hash)")
+
+
+class PoolsConfig(_Closed):
+    """The three pools of a disaggregated deployment."""
+
+    encoder: EncoderPoolConfig = Field(
+        EncoderPoolConfig(), description="encoder workers: media decode + tower + projector")
+    prefill: PoolConfig = Field(PoolConfig(), description="prefill workers: LM prefill, first token, KV send")
+    decode: PoolConfig = Field(PoolConfig(), description="decode workers: KV receive, continuous-batch decode")
+
+    def items(self) -> list[tuple[str, PoolConfig]]:
+        return [(name, getattr(self, name)) for name in POOL_NAMES]
+
+
+class KVTransferConfig(_Closed):
+    """How prefill workers ship KV caches to decode workers."""
+
+    transport: Literal["gloo", "ray", "nccl"] = Field(
+        "gloo", description="gloo: CPU sockets, ray: Ray object store, nccl: GPU (needs nvidia-nccl-cu12)")
+    timeout_s: float = Field(30.0, gt=0, le=3600, description="deadline of one request's whole KV transfer, seconds")
+    interface: str = Field(
+        "127.0.0.1", min_length=1,
+        description="local IP address the transport's sockets bind to (must be reachable from the peer nodes)")
+
+
+class RouterConfig(_Closed):
+    """The front door: gRPC server, admission control, routing knobs."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="address the gRPC server binds to (0.0.0.0: all)")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: pick a free one)")
+    http_port: int = Field(8000, ge=0, le=65535, description="OpenAI-compatible HTTP port (0: pick a free one)")
+    max_message_mb: float = Field(
+        64.0, gt=0, le=2047, description="largest gRPC message sent or received, MiB (bounds inline media)")
+    max_inflight_requests: int = Field(
+        256, ge=1, description="requests dispatched to the pools at once; later ones wait in the queue")
+    max_queued_requests: int = Field(
+        512, ge=0, description="requests waiting for admission; beyond it new requests get RESOURCE_EXHAUSTED")
+    default_max_tokens: int = Field(
+        256, ge=1, description="max_tokens of a request that sets none (capped by engine.limits.max_tokens)")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="server-side deadline of a request when the client sets none, seconds")
+    encoder_affinity_max_queue: int = Field(
+        8, ge=0, description="encoder media-hash affinity is skipped when the affine worker has more queued items")
+
+
+class ClusterConfig(_Closed):
+    """A whole deployment. Load with ``ClusterConfig.from_yaml(path)``; every key is optional."""
+
+    engine: EngineConfig = Field(EngineConfig(), description="model and engine settings shared by every worker")
+    pools: PoolsConfig = Field(PoolsConfig(), description="worker pools: encoder, prefill, decode")
+    kv_transfer: KVTransferConfig = Field(KVTransferConfig(), description="KV-cache transport prefill -> decode")
+    router: RouterConfig = Field(RouterConfig(), description="gRPC front door and admission control")
+    startup_timeout_s: float = Field(
+        300.0, gt=0, description="how long launch waits for every worker to be ready (model loaded), seconds")
+
+    @model_validator(mode="after")
+    def _check_devices(self) -> "ClusterConfig":
+        if self.engine.device == "cuda":
+            cpu_only = [name for name, pool in self.pools.items() if pool.num_workers and pool.num_gpus <= 0]
+            if cpu_only:
+                raise ValueError(
+                    f"engine.device is cuda but pools {cpu_only} ask Ray for no GPU (num_gpus: 0), and Ray hides "
+                    f"GPUs from such workers; set pools.<name>.num_gpus (fractions share a GPU, e.g. 0.3)")
+        if self.kv_transfer.transport == "nccl" and self.engine.device != "cuda":
+            raise ValueError("kv_transfer.transport nccl needs engine.device cuda; use gloo or ray on CPU")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ClusterConfig":
+        """Parse and validate a YAML file (raises ``ValueError`` naming the file and the bad keys)."""
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML: {exc}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ValueError(f"{path}: invalid cluster config:\n{exc}") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def with_overrides(self, **sections: dict) -> "ClusterConfig":
+        """A copy with some fields of some sections replaced (validated), e.g.
+        ``with_overrides(engine={"model": m}, router={"grpc_port": 0})``."""
+        data = self.model_dump()
+        for section, fields in sections.items():
+            if fields:
+                data[section] = {**data[section], **fields}
+        return type(self).model_validate(data)
+
+
+# ------------------------------------------------------------------------------------------------
+# The config reference (README): `python -m cluster.config --markdown`
+# ------------------------------------------------------------------------------------------------
+
+def _type_name(annotation) -> str:
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in get_args(annotation))
+    if origin is dict:
+        k, v = get_args(annotation)
+        return f"map {k.__name__} → {v.__name__}"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def config_reference(model: type[BaseModel] = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) rows for every leaf field, dotted keys, in order."""
+    model = model or ClusterConfig
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(config_reference(ann, key + "."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        rows.append((key, _type_name(ann), json.dumps(default), field.description or ""))
+    return rows
+
+
+def config_reference_markdown() -> str:
+    lines = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+    for key, typ, default, desc in config_reference():
+        lines.append(f"| `{key}` | {typ} | `{default}` | {desc} |")
+    return "\n".join(lines)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m cluster.config", description=__doc__)
+    parser.add_argument("--markdown", action="store_true", help="print the config reference as a Markdown table")
+    parser.add_argument("--check", metavar="YAML", help="validate a cluster config file")
+    parser.add_argument("--defaults", action="store_true", help="print the default config as YAML")
+    args = parser.parse_args(argv)
+    if args.check:
+        try:
+            ClusterConfig.from_yaml(args.check)
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        print(f"{args.check}: ok")
+    if args.defaults:
+        print(ClusterConfig().to_yaml(), end="")
+    if args.markdown or not (args.check or args.defaults):
+        print(config_reference_markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -27,7 +27,65 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        # Local workers inherit this process's environment (HF_HUB_OFFLINE etc. are set above);
+        # a runtime_env would only add ~10 s of setup to every worker start.
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# Engine settings of the test clusters: a small KV cache (fast to allocate, still room for 32
+# concurrent two-image requests) and the same settings for the colocated reference.
+TEST_ENGINE = {"kv_cache_memory_gb": 0.1}
+
+
+class ServedCluster:
+    """A real cluster (one encoder, prefill and decode actor) + the gRPC router + a client."""
+
+    def __init__(self, arch: str, model_path, **overrides):
+        from cluster.client import TesseraClient
+        from cluster.config import ClusterConfig
+        from cluster.launch import Cluster
+        from router.service import BackgroundRouter
+
+        self.arch = arch
+        self.config = ClusterConfig().with_overrides(
+            engine={"model": str(model_path), **TEST_ENGINE, **overrides.get("engine", {})},
+            router={"grpc_port": 0, **overrides.get("router", {})},
+            kv_transfer=overrides.get("kv_transfer", {}))
+        self.cluster = Cluster(self.config).start()
+        try:
+            self.router = BackgroundRouter(self.cluster).start()
+        except BaseException:
+            self.cluster.shutdown()
+            raise
+        self.address = self.router.address
+        self.client = TesseraClient(self.address)
+
+    @property
+    def core(self):
+        return self.router.core
+
+    def close(self) -> None:
+        self.client.close()
+        self.router.stop()
+        self.cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served_cluster(ray_session, tiny_models):
+    """``served_cluster(arch) -> ServedCluster``, started once per module and architecture. Only
+    one runs at a time (asking for another arch stops the previous one): order tests by arch."""
+    current: dict[str, ServedCluster] = {}
+
+    def get(arch: str) -> ServedCluster:
+        if arch not in current:
+            for stack in current.values():
+                stack.close()
+            current.clear()
+            current[arch] = ServedCluster(arch, tiny_models[arch])
+        return current[arch]
+
+    yield get
+    for stack in current.values():
+        stack.close()

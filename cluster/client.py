@@ -1,0 +1,195 @@
+"""A small synchronous gRPC client of the ``tessera.v1`` API (used by the CLI and the tests).
+
+    with TesseraClient("127.0.0.1:50051") as client:
+        result = client.generate("USER: <image>\\nWhat is this? ASSISTANT:", [MediaInput(png, "image/png")],
+                                 SamplingParams(max_tokens=32))
+        print(result.text, result.ttft_s)
+        print(client.status())          # {"pools": {...}, "kv_transfer": {...}}
+
+Client-side timings follow ``vllm bench serve``: TTFT is request sent -> first chunk received,
+TPOT is (E2E - TTFT) / (output tokens - 1).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cluster.api import tessera_pb2 as pb
+from cluster.api import tessera_pb2_grpc
+from cluster.engine.sampling import SamplingParams
+from models.processor import MediaInput
+
+FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
+                  pb.FINISH_REASON_ABORT: "abort", pb.FINISH_REASON_ERROR: "error"}
+WORKER_STATES = {pb.WORKER_STATE_STARTING: "starting", pb.WORKER_STATE_READY: "ready",
+                 pb.WORKER_STATE_DRAINING: "draining", pb.WORKER_STATE_DEAD: "dead"}
+
+
+@dataclass
+class GenerateResult:
+    """One finished request, as `tessera generate --json` prints it (plus the stream's details)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" | "length" | "abort" | "error"
+    ttft_s: float
+    tpot_s: float
+    e2e_s: float
+    request_id: str = ""
+    message: str = ""
+    chunks: list[list[int]] = field(default_factory=list)  # token ids per streamed chunk
+    timings: dict[str, float] = field(default_factory=dict)  # server-side stage timings, seconds
+
+    def to_json(self) -> dict[str, Any]:
+        """The object `tessera generate --json` prints (same keys as the in-process path)."""
+        keys = ("text", "token_ids", "prompt_tokens", "finish_reason", "ttft_s", "tpot_s", "e2e_s")
+        return {k: v for k, v in asdict(self).items() if k in keys}
+
+
+def sampling_to_proto(s: SamplingParams) -> pb.SamplingParams:
+    out = pb.SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                            ignore_eos=s.ignore_eos, stop=list(s.stop), stop_token_ids=list(s.stop_token_ids))
+    if s.seed is not None:
+        out.seed = s.seed
+    return out
+
+
+def build_request(prompt: str | None = None, media: Sequence[MediaInput] = (), sampling: SamplingParams | None = None,
+                  *, messages: list[dict] | None = None, request_id: str = "",
+                  include_timings: bool = True) -> pb.GenerateRequest:
+    """``messages``: [{"role": str, "content": [{"type": "text", "text": str} | {"type": "media", "index": i}]}]."""
+    req = pb.GenerateRequest(request_id=request_id, include_stage_timings=include_timings,
+                             media=[pb.MediaPart(data=m.data, mime_type=m.mime_type) for m in media],
+                             sampling_params=sampling_to_proto(sampling or SamplingParams()))
+    if messages is not None:
+        for turn in messages:
+            msg = req.messages.messages.add(role=turn["role"])
+            for part in turn["content"]:
+                if part["type"] == "text":
+                    msg.content.add(text=part["text"])
+                else:
+                    msg.content.add(media_index=part["index"])
+    else:
+        req.prompt = prompt or ""
+    return req
+
+
+def status_to_dict(status: pb.ClusterStatus) -> dict[str, Any]:
+    """``ClusterStatus`` -> the JSON `tessera status --json` prints."""
+    pools: dict[str, Any] = {}
+    for pool in status.pools:
+        workers = []
+        for w in pool.workers:
+            load = w.load
+            workers.append({
+                "id": w.worker_id, "state": WORKER_STATES.get(w.state, "unspecified"), "node_id": w.node_id,
+                "address": w.address, "gpu_ids": list(w.gpu_ids),
+                "num_queued_requests": load.num_queued_requests, "num_queued_tokens": load.num_queued_tokens,
+                "num_running_requests": load.num_running_requests, "num_kv_blocks_free": load.num_kv_blocks_free,
+                "num_kv_blocks_total": load.num_kv_blocks_total,
+                "num_encoder_cache_hits": load.num_encoder_cache_hits,
+                "num_encoder_cache_misses": load.num_encoder_cache_misses,
+            })
+        pools[pool.name] = {"desired_size": pool.desired_size, "workers": workers}
+    kv = status.kv_transfer
+    return {"pools": pools,
+            "kv_transfer": {"transport": kv.transport, "bytes": kv.num_bytes_transferred,
+                            "transfers_completed": kv.num_transfers_completed,
+                            "transfers_failed": kv.num_transfers_failed}}
+
+
+class TesseraClient:
+    def __init__(self, address: str, *, max_message_mb: float = 64.0):
+        max_bytes = int(max_message_mb * 2**20)
+        self.address = address
+        self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", max_bytes),
+                                                               ("grpc.max_receive_message_length", max_bytes)])
+        self.stub = tessera_pb2_grpc.TesseraStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "TesseraClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- Generate ------------------------------------------------------------------------------
+    def stream(self, request: pb.GenerateRequest, timeout_s: float | None = None):
+        """The raw response stream (an iterator that is also a ``grpc.Call``: ``.cancel()``)."""
+        return self.stub.Generate(request, timeout=timeout_s)
+
+    def generate(self, prompt: str | None = None, media: Sequence[MediaInput] = (),
+                 sampling: SamplingParams | None = None, *, messages: list[dict] | None = None,
+                 request_id: str = "", timeout_s: float | None = None,
+                 on_chunk=None) -> GenerateResult:
+        """Run one request to the end; ``on_chunk(token_ids, text)`` sees each chunk as it arrives.
+        Raises ``grpc.RpcError`` when the call fails before its final message."""
+        request = build_request(prompt, media, sampling, messages=messages,
+                                request_id=request_id or uuid.uuid4().hex)
+        start = time.perf_counter()
+        return collect(self.stream(request, timeout_s), start, on_chunk)
+
+    def abort(self, request_id: str) -> bool:
+        return self.stub.Abort(pb.AbortRequest(request_id=request_id)).found
+
+    # -- info ------------------------------------------------------------------------------------
+    def model_info(self) -> pb.ModelInfo:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest())
+
+    def status_proto(self) -> pb.ClusterStatus:
+        return self.stub.GetClusterStatus(pb.GetClusterStatusRequest())
+
+    def status(self) -> dict[str, Any]:
+        return status_to_dict(self.status_proto())
+
+    def health(self, service: str = "", timeout_s: float = 5.0) -> str:
+        """"SERVING", "NOT_SERVING", ... of ``service`` ("" = the whole server)."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+
+
+def collect(responses: Iterator[pb.GenerateResponse], start: float, on_chunk=None) -> GenerateResult:
+    tokens: list[int] = []
+    chunks: list[list[int]] = []
+    text: list[str] = []
+    ttft = None
+    request_id = ""
+    for resp in responses:
+        request_id = resp.request_id
+        if resp.HasField("chunk"):
+            if ttft is None:
+                ttft = time.perf_counter() - start
+            ids = list(resp.chunk.token_ids)
+            tokens += ids
+            chunks.append(ids)
+            text.append(resp.chunk.text)
+            if on_chunk is not None:
+                on_chunk(ids, resp.chunk.text)
+            continue
+        final = resp.final
+        e2e = time.perf_counter() - start
+        ttft = e2e if ttft is None else ttft
+        timings = {}
+        if final.HasField("timings"):
+            t = final.timings
+            timings = {"queue_s": t.queue_seconds, "encode_s": t.encode_seconds, "prefill_s": t.prefill_seconds,
+                       "kv_transfer_s": t.kv_transfer_seconds, "decode_s": t.decode_seconds,
+                       "ttft_s": t.ttft_seconds, "e2e_s": t.e2e_seconds}
+        return GenerateResult(
+            "".join(text), tokens, final.usage.prompt_tokens, FINISH_REASONS.get(final.finish_reason, "error"),
+            ttft, (e2e - ttft) / max(len(tokens) - 1, 1), e2e, request_id, final.message, chunks, timings)
+    raise RuntimeError("the Generate stream ended without a final message")

@@ -1,0 +1,637 @@
+"""``RouterCore``: drives one request through the pools. Transport-neutral: the gRPC servicer (and
+the HTTP API to come) only translate to and from the types below.
+
+A request's life in the router::
+
+    submit()   validate + prepare (InputPreparer, in a thread: media decoding is CPU work)
+               └─ InvalidRequestError ───────────────────────────────▶ INVALID_ARGUMENT
+    _drive()   admission (bounded in-flight + bounded queue) ── full ──▶ RESOURCE_EXHAUSTED
+               encode:   EncoderWorker.encode(items) ─ ObjectRef, never fetched here ──┐
+               reserve:  DecodeWorker.reserve(...) (most free blocks first; waits when  │
+                         every worker is full)                                          │
+               prefill:  PrefillWorker.prefill(req, embeddings_ref ◀──────────────────┘, reservation)
+                         ├─ PrefillFirstToken ─▶ first chunk to the client (TTFT)
+                         └─ KVShipped (KV is in the reserved decode blocks)
+               decode:   DecodeWorker.generate(req) ─ DecodeOutput... ─▶ detokenize, stop strings
+               final:    finish reason, usage, per-stage timings
+    cleanup    on abort / client cancel / deadline / failure, every stage lets go: before the
+               first token the encode task and the prefill stream are cancelled; after it the
+               KV transfer is let finish (drained, so no KV lands late); then the decode worker
+               aborts the request (frees its reservation, or stops it between two steps).
+
+Types in and out (``GenerateInput``, ``TokenEvent``, ``FinalEvent``, errors) are in
+``router.events``; admission control is ``router.admission``; routing is ``router.policies``.
+
+Each request runs as one *driver* task feeding an event queue; ``RequestStream`` (what
+``submit`` returns) reads it. Cancelling the driver (Abort, deadline, client gone) is how every
+stop path enters the same cleanup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayError
+
+from cluster.config import ClusterConfig
+from cluster.contracts import (DecodeOutput, DecodeRequest, EncodeItem, KVShipped, PrefillFirstToken,
+                               PrefillRequest, Reservation)
+from cluster.controller import Controller, PoolWorker
+from cluster.engine.block_manager import NoFreeBlocksError
+from cluster.engine.detokenizer import IncrementalDetokenizer
+from cluster.engine.inputs import InputPreparer, PreparedRequest
+from cluster.engine.sampling import InvalidRequestError, SamplingParams
+from models.processor import MediaInput, MultimodalProcessor
+from router import policies
+from router.admission import Admission
+from router.events import (DeadlineExceededError, Event, FinalEvent, GenerateInput, OverloadedError, RouterError,
+                           StageTimings, TokenEvent, Usage, WorkerUnavailableError)
+
+__all__ = ["Admission", "DeadlineExceededError", "Event", "FinalEvent", "GenerateInput", "OverloadedError",
+           "RequestStream", "RouterCore", "RouterError", "StageTimings", "TokenEvent", "Usage",
+           "WorkerUnavailableError"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+_END = object()
+
+
+# -- per-request state -------------------------------------------------------------------------
+@dataclass
+class _RequestState:
+    request_id: str
+    prepared: PreparedRequest
+    media: list[MediaInput]
+    deadline: float  # time.monotonic()
+    arrival: float  # time.monotonic() when submit() was called
+    prepared_at: float  # ... and when preparation ended (admission queueing starts)
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    driver: asyncio.Task | None = None
+    stop_reason: str = ""  # "abort" | "deadline" | "cancelled", set before cancelling the driver
+    num_tokens_sent: int = 0
+    finished: bool = False
+    # what to let go of
+    encode_ref: Any = None
+    prefill_gen: Any = None
+    prefill_drained: bool = False
+    reservation: Reservation | None = None
+    pending_reserve: tuple[PoolWorker, Any] | None = None  # (decode worker, reserve() ref) in flight
+    decode_worker: PoolWorker | None = None
+    decode_gen: Any = None
+    decode_done: bool = False
+    accounted: list[tuple[PoolWorker, str, int]] = field(default_factory=list)  # (worker, attr, amount)
+
+
+class RequestStream:
+    """Async iterator over one request's events: ``TokenEvent``\\* then one ``FinalEvent``.
+    Raises a ``RouterError`` instead if the request fails before its first token, and
+    ``DeadlineExceededError`` whenever its deadline passes (after tokens too, as a gRPC deadline
+    does). Closing it early (``aclose``; a cancelled consumer) cancels the request."""
+
+    def __init__(self, core: "RouterCore", state: _RequestState):
+        self._core = core
+        self._state = state
+        self.request_id = state.request_id
+        self.prompt_tokens = len(state.prepared.plan.prompt_token_ids)
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[Event]:
+        st = self._state
+        try:
+            while True:
+                if st.stop_reason:
+                    item = await st.queue.get()  # stopping: the driver reports how it ended
+                else:
+                    try:
+                        async with asyncio.timeout_at(_loop_time(st.deadline)):
+                            item = await st.queue.get()
+                    except TimeoutError:
+                        self._core._stop(st, "deadline")
+                        continue
+                if item is _END:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.error
+                yield item
+        finally:
+            if not st.finished:
+                self._core._stop(st, "cancelled")
+
+    async def aclose(self) -> None:
+        if not self._state.finished:
+            self._core._stop(self._state, "cancelled")
+
+
+def _loop_time(monotonic_deadline: float) -> float:
+    loop = asyncio.get_running_loop()
+    return loop.time() + (monotonic_deadline - time.monotonic())
+
+
+# -- the core ----------------------------------------------------------------------------------
+class RouterCore:
+    def __init__(self, config: ClusterConfig, controller: Controller, model_dir: str):
+        from transformers import AutoConfig
+
+        from cluster.engine.colocated import eos_token_ids, resolve_max_model_len
+
+        self.config = config
+        self.controller = controller
+        self.model_dir = str(model_dir)
+        self.hf_config = AutoConfig.from_pretrained(model_dir)
+        self.processor = MultimodalProcessor(model_dir, self.hf_config)
+        self.tokenizer = self.processor.tokenizer
+        self.eos_token_ids = tuple(sorted(eos_token_ids(model_dir, self.tokenizer)))
+        # The context length the cluster can serve: the smallest KV cache of the LM workers.
+        caches = [w.kv_blocks_total for p in ("prefill", "decode") for w in controller.ready_workers(p)
+                  if w.kv_blocks_total]
+        num_blocks = min(caches) if caches else 1 << 30
+        self.max_model_len = resolve_max_model_len(config.engine, self.hf_config.get_text_config(), num_blocks)
+        limits = config.engine.limits
+        self.preparer = InputPreparer(self.processor, limits.media(), self.max_model_len, limits.max_tokens)
+        self.admission = Admission(config.router.max_inflight_requests, config.router.max_queued_requests)
+        self._requests: dict[str, _RequestState] = {}
+        self._closing: set[str] = set()  # ids whose stages are still letting go (cleanup running)
+        self._background: set[asyncio.Task] = set()
+        self._blocks_freed = asyncio.Event()
+        self._num_waiting_for_blocks = 0
+
+    # -- public API --------------------------------------------------------------------------
+    async def submit(self, inp: GenerateInput) -> RequestStream:
+        """Validate and start a request. Raises ``InvalidRequestError`` (nothing was scheduled)."""
+        arrival = time.monotonic()
+        request_id = inp.request_id or uuid.uuid4().hex
+        self._check_new_id(request_id)
+        prompt, media = self._render(inp)
+        prepared = await asyncio.to_thread(self.preparer.prepare, request_id, prompt, media, inp.sampling)
+        self._check_new_id(request_id)  # a same-id request may have started during preparation
+        timeout = self.config.router.request_timeout_s
+        if inp.timeout_s is not None:
+            timeout = min(timeout, max(inp.timeout_s, 0.0))
+        st = _RequestState(request_id, prepared, media, arrival + timeout, arrival, time.monotonic())
+        self._requests[request_id] = st
+        st.driver = asyncio.create_task(self._drive(st), name=f"request-{request_id}")
+        return RequestStream(self, st)
+
+    def _check_new_id(self, request_id: str) -> None:
+        if request_id in self._requests or request_id in self._closing:
+            raise InvalidRequestError(f"request id {request_id!r} is already running")
+
+    def abort(self, request_id: str) -> bool:
+        st = self._requests.get(request_id)
+        if st is None or st.finished:
+            return False
+        self._stop(st, "abort")
+        return True
+
+    def model_info(self) -> dict[str, Any]:
+        proc = self.processor
+        modality = proc.modality
+        limits = self.config.engine.limits
+        audio_tps = 0.0
+        if modality == "audio":
+            audio_tps = proc.audio_tokens(proc.sampling_rate * 30) / 30.0
+        model_path = self.config.engine.model or self.model_dir
+        return {
+            "model_name": _model_name(self.config.engine.model, self.model_dir),
+            "model_path": model_path,
+            "architecture": (getattr(self.hf_config, "architectures", None) or [""])[0],
+            "max_context_length": self.max_model_len,
+            "modalities": ["text"] + ([modality] if modality else []),
+            "image_placeholder": proc.placeholder if modality == "image" else "",
+            "audio_placeholder": proc.placeholder if modality == "audio" else "",
+            "num_tokens_per_image": proc.tokens_per_image if modality == "image" else 0,
+            "audio_tokens_per_second": audio_tps,
+            "dtype": self.config.engine.dtype,
+            "vocab_size": self.preparer.vocab_size,
+            "eos_token_ids": list(self.eos_token_ids),
+            "limits": {"max_media_per_request": limits.max_media_per_request,
+                       "max_image_pixels": limits.max_image_pixels,
+                       "max_audio_seconds": limits.max_audio_seconds},
+        }
+
+    async def cluster_status(self) -> dict[str, Any]:
+        await self.controller.refresh_loads()
+        status = self.controller.status(self.config.kv_transfer.transport)
+        status["router"] = {"num_inflight": self.admission.num_inflight, "num_queued": self.admission.num_queued,
+                            "num_requests": len(self._requests)}
+        return status
+
+    async def shutdown(self, grace_s: float = 5.0) -> None:
+        """Abort every running request and wait (up to ``grace_s``) for their cleanup."""
+        for st in list(self._requests.values()):
+            self._stop(st, "abort")
+        tasks = [st.driver for st in self._requests.values() if st.driver] + list(self._background)
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace_s)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._requests)
+
+    @property
+    def is_idle(self) -> bool:
+        """No request running and no cleanup in flight (every stage has let go)."""
+        return not self._requests and not self._closing and not self._background
+
+    # -- preparation -------------------------------------------------------------------------
+    def _render(self, inp: GenerateInput) -> tuple[str, list[MediaInput]]:
+        """The prompt string and the media in placeholder order."""
+        if (inp.prompt is None) == (inp.messages is None):
+            raise InvalidRequestError("set exactly one of `prompt` and `messages`")
+        if inp.prompt is not None:
+            return inp.prompt, list(inp.media)
+        if not inp.messages:
+            raise InvalidRequestError("`messages` is empty")
+        used: list[int] = []
+        turns = []
+        for turn in inp.messages:
+            role = turn.get("role") or ""
+            if not role:
+                raise InvalidRequestError("every chat message needs a role")
+            parts = []
+            for part in turn.get("content", []):
+                if part.get("type") == "text":
+                    parts.append({"type": "text", "text": part.get("text", "")})
+                    continue
+                index = int(part.get("index", -1))
+                if not 0 <= index < len(inp.media):
+                    raise InvalidRequestError(f"media_index {index} is out of range: {len(inp.media)} media sent")
+                if index in used:
+                    raise InvalidRequestError(f"media_index {index} is used twice; each media item goes in once")
+                used.append(index)
+                parts.append({"type": inp.media[index].modality})
+            turns.append({"role": role, "content": parts})
+        if len(used) != len(inp.media):
+            unused = sorted(set(range(len(inp.media))) - set(used))
+            raise InvalidRequestError(f"media item(s) {unused} are not referenced by any message")
+        if any(p.get("type") == "text" and self.processor.placeholder and self.processor.placeholder in p["text"]
+               for t in turns for p in t["content"]):
+            raise InvalidRequestError(
+                f"chat text must not contain the placeholder {self.processor.placeholder!r}; use media parts")
+        try:
+            prompt = self.processor.apply_chat_template(turns)
+        except Exception as exc:  # noqa: BLE001 - template errors are the client's input
+            raise InvalidRequestError(f"cannot apply the chat template: {exc}") from None
+        return prompt, [inp.media[i] for i in used]
+
+    # -- stopping ----------------------------------------------------------------------------
+    def _stop(self, st: _RequestState, reason: str) -> None:
+        if st.finished or st.stop_reason:
+            return
+        st.stop_reason = reason
+        if st.driver is not None and not st.driver.done():
+            st.driver.cancel()
+
+    # -- the driver --------------------------------------------------------------------------
+    async def _drive(self, st: _RequestState) -> None:
+        emit = st.queue.put_nowait
+        admitted = False
+        tokens: list[int] = []
+        t = {"arrival": st.arrival}
+        finish: tuple[str, str] | None = None
+        try:
+            await self.admission.acquire()
+            admitted = True
+            t["dispatch"] = time.monotonic()
+            finish = await self._run_stages(st, t, tokens, emit)
+        except asyncio.CancelledError:
+            reason = st.stop_reason or "cancelled"
+            if reason == "deadline":  # a non-OK status even after tokens, as gRPC deadlines are
+                where = "after" if st.num_tokens_sent else "before"
+                emit(_Failure(DeadlineExceededError(f"deadline exceeded {where} the first token")))
+            elif reason == "abort":
+                finish = ("abort", "aborted by request")
+        except (RouterError, InvalidRequestError) as exc:
+            if st.num_tokens_sent:
+                finish = ("error", str(exc))
+            else:
+                emit(_Failure(exc))
+        except Exception as exc:  # noqa: BLE001 - a worker failure of any kind
+            err = self._worker_failure(exc)
+            log.warning("request %s failed: %s", st.request_id, err)
+            if st.num_tokens_sent:
+                finish = ("error", str(err))
+            else:
+                emit(_Failure(err))
+        finally:
+            st.finished = True
+            if finish is not None:
+                emit(self._final(st, finish, tokens, t))
+            emit(_END)
+            self._requests.pop(st.request_id, None)
+            self._closing.add(st.request_id)
+            self._spawn(self._cleanup(st, admitted))
+
+    async def _run_stages(self, st: _RequestState, t: dict, tokens: list[int], emit) -> tuple[str, str]:
+        prepared = st.prepared
+        plan, sampling = prepared.plan, prepared.sampling
+        num_prompt = len(plan.prompt_token_ids)
+
+        # 1. encode (not awaited: the ref goes straight to the prefill worker)
+        if prepared.media:
+            items = [EncodeItem(d.content_hash, m.mime_type, m.data) for d, m in zip(prepared.media, st.media)]
+            encoder = policies.pick_encoder(self._ready("encoder"), [i.content_hash for i in items],
+                                            self.config.router.encoder_affinity_max_queue)
+            self._account(st, encoder, "inflight_tokens", len(items))
+            self._account(st, encoder, "inflight_requests", 1)
+            t["encode"] = time.monotonic()
+            st.encode_ref = encoder.actor.encode.remote(items)
+
+        # 2. decode reservation (overlaps encoding)
+        st.reservation = await self._reserve(st, num_prompt, sampling.max_tokens)
+
+        # 3. prefill: first token at once, then the KV ships
+        prefill = policies.pick_prefill(self._ready("prefill"))
+        prefill_acct = [(prefill, "inflight_tokens", num_prompt), (prefill, "inflight_requests", 1)]
+        for w, attr, n in prefill_acct:
+            self._account(st, w, attr, n)
+        request = PrefillRequest(st.request_id, list(plan.prompt_token_ids), list(plan.media_offsets), sampling,
+                                 self.eos_token_ids)
+        t["prefill"] = time.monotonic()
+        st.prefill_gen = prefill.actor.prefill.options(num_returns="streaming").remote(
+            request, st.encode_ref, st.reservation)
+        first = await self._next(st.prefill_gen, PrefillFirstToken, "prefill")
+        t["first"] = time.monotonic()
+        t["prefill_s"] = first.prefill_s
+        for w, attr, n in prefill_acct + [a for a in st.accounted if a[0].pool == "encoder"]:
+            self._unaccount(st, w, attr, n)
+
+        detok = IncrementalDetokenizer(self.tokenizer, sampling.stop)
+        finish = self._push_token(st, detok, first.token_id, tokens, emit, num_prompt)
+        t["ttft"] = time.monotonic()
+        if finish is not None:
+            return finish  # done at the first token: cleanup drains the KV transfer, frees the blocks
+
+        shipped = await self._next(st.prefill_gen, KVShipped, "prefill")
+        st.prefill_drained = True
+        t["kv_s"] = shipped.seconds
+
+        # 4. decode
+        decode = st.decode_worker
+        t["decode"] = time.monotonic()
+        st.decode_gen = decode.actor.generate.options(num_returns="streaming").remote(DecodeRequest(
+            st.request_id, num_prompt, list(plan.prompt_token_ids), first.token_id, sampling, self.eos_token_ids,
+            first.sampler_state))
+        while True:
+            out = await self._next(st.decode_gen, DecodeOutput, "decode", allow_end=True)
+            if out is None:
+                raise WorkerUnavailableError(f"decode worker {decode.worker_id} ended the stream without a finish")
+            new_tokens: list[int] = []
+            for tok in out.token_ids:  # one at a time: a stop string cuts the rest off
+                tokens.append(tok)
+                new_tokens.append(tok)
+                detok.push([tok])
+                if detok.stopped:
+                    finish = ("stop", "")
+                    break
+            if finish is None and out.finish_reason is not None:
+                finish = (out.finish_reason, "")
+            text = detok.take(final=finish is not None)
+            if new_tokens or text:
+                emit(TokenEvent(new_tokens, text))
+                st.num_tokens_sent += len(new_tokens)
+            if finish is not None:
+                t["last"] = time.monotonic()
+                st.decode_done = out.finish_reason is not None and not detok.stopped
+                return finish
+
+    def _push_token(self, st: _RequestState, detok: IncrementalDetokenizer, tok: int, tokens: list[int], emit,
+                    num_prompt: int) -> tuple[str, str] | None:
+        """Emit the first token (sampled by prefill) with its text; the finish (reason, message) if
+        it already ends the request (the token-level stops the decode worker checks for later ones)."""
+        tokens.append(tok)
+        detok.push([tok])
+        if detok.stopped:
+            finish = ("stop", "")
+        else:
+            finish = _first_token_stop(st.prepared.sampling, tok, self.eos_token_ids, num_prompt, self.max_model_len)
+        emit(TokenEvent([tok], detok.take(final=finish is not None)))
+        st.num_tokens_sent += 1
+        return finish
+
+    def _final(self, st: _RequestState, finish: tuple[str, str], tokens: list[int], t: dict) -> FinalEvent:
+        now = time.monotonic()
+        arrival = t["arrival"]
+        ttft = t.get("ttft", now) - arrival
+        encode_s = 0.0
+        if "encode" in t and "first" in t:
+            encode_s = max(0.0, t["first"] - t.get("prefill_s", 0.0) - t["encode"])
+        timings = StageTimings(
+            queue_s=t.get("dispatch", now) - st.prepared_at,
+            encode_s=encode_s,
+            prefill_s=t.get("prefill_s", 0.0),
+            kv_transfer_s=t.get("kv_s", 0.0),
+            decode_s=(t.get("last", now) - t["decode"]) if "decode" in t else 0.0,
+            ttft_s=ttft if tokens else 0.0,
+            e2e_s=now - arrival,
+        )
+        plan = st.prepared.plan
+        usage = Usage(len(plan.prompt_token_ids), sum(plan.media_lengths), len(tokens))
+        return FinalEvent(finish[0], finish[1], usage, timings)
+
+    # -- stages' helpers ---------------------------------------------------------------------
+    def _ready(self, pool: str) -> list[PoolWorker]:
+        workers = self.controller.ready_workers(pool)
+        if not workers:
+            raise WorkerUnavailableError(f"no ready {pool} worker")
+        return workers
+
+    async def _reserve(self, st: _RequestState, num_prompt: int, max_tokens: int) -> Reservation:
+        block_size = self.config.engine.block_size
+        num_blocks = math.ceil(min(num_prompt + max_tokens, self.max_model_len) / block_size)
+        waiting = False
+        try:
+            while True:
+                failure: Exception | None = None
+                num_failed = 0
+                candidates = policies.rank_decode(self._ready("decode"), num_blocks)
+                for worker in candidates:
+                    ref = worker.actor.reserve.remote(st.request_id, num_prompt, max_tokens)
+                    st.pending_reserve = (worker, ref)  # cancelled while waiting: cleanup undoes it
+                    try:
+                        reservation = await ref
+                        st.pending_reserve = None
+                    except NoFreeBlocksError:
+                        st.pending_reserve = None
+                        continue  # full: try the next decode worker
+                    except Exception as exc:  # noqa: BLE001 - a failed worker: try the next one
+                        st.pending_reserve = None
+                        failure, num_failed = self._worker_failure(exc, worker), num_failed + 1
+                        continue
+                    if reservation is not None:
+                        st.decode_worker = worker
+                        self._account(st, worker, "reserved_blocks", len(reservation.block_ids))
+                        self._account(st, worker, "inflight_requests", 1)
+                        return reservation
+                if failure is not None and num_failed == len(candidates):
+                    raise failure
+                # Every decode worker is full: wait (bounded) for a request to free blocks.
+                if not waiting:
+                    if self._num_waiting_for_blocks >= self.config.router.max_queued_requests:
+                        raise OverloadedError("no free KV blocks on any decode worker and the wait queue is full")
+                    self._num_waiting_for_blocks += 1
+                    waiting = True
+                self._blocks_freed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.2):  # also re-polls: another router may free blocks
+                        await self._blocks_freed.wait()
+        finally:
+            if waiting:
+                self._num_waiting_for_blocks -= 1
+
+    async def _call(self, worker: PoolWorker, ref):
+        try:
+            return await ref
+        except (asyncio.CancelledError, RouterError, InvalidRequestError):
+            raise
+        except Exception as exc:
+            raise self._worker_failure(exc, worker) from exc
+
+    async def _next(self, gen, expected: type, stage: str, allow_end: bool = False):
+        try:
+            ref = await gen.__anext__()
+        except StopAsyncIteration:
+            if allow_end:
+                return None
+            raise WorkerUnavailableError(f"the {stage} worker ended the stream early") from None
+        item = await ref
+        if not isinstance(item, expected):
+            raise WorkerUnavailableError(f"the {stage} worker sent {type(item).__name__}, expected {expected.__name__}")
+        return item
+
+    def _worker_failure(self, exc: BaseException, worker: PoolWorker | None = None) -> Exception:
+        if isinstance(exc, (RouterError, InvalidRequestError)):
+            return exc
+        if isinstance(exc, RayActorError):
+            if worker is None:
+                worker = self._worker_of_actor_error(exc)
+            if worker is not None:
+                self.controller.mark_dead(worker.worker_id, str(exc).splitlines()[0] if str(exc) else "actor died")
+            return WorkerUnavailableError(f"a worker failed: {type(exc).__name__}")
+        if isinstance(exc, RayError):
+            cause = getattr(exc, "cause", None) or exc
+            if isinstance(cause, InvalidRequestError):
+                return InvalidRequestError(str(cause))
+            return WorkerUnavailableError(f"a worker failed: {_short(cause)}")
+        return WorkerUnavailableError(f"internal error: {_short(exc)}")
+
+    def _worker_of_actor_error(self, exc: RayActorError) -> PoolWorker | None:
+        actor_id = getattr(exc, "actor_id", None)
+        if not actor_id:
+            return None
+        for w in self.controller.workers():
+            with contextlib.suppress(Exception):
+                if w.actor._actor_id.hex() == actor_id:
+                    return w
+        return None
+
+    # -- accounting --------------------------------------------------------------------------
+    def _account(self, st: _RequestState, worker: PoolWorker, attr: str, amount: int) -> None:
+        setattr(worker, attr, getattr(worker, attr) + amount)
+        st.accounted.append((worker, attr, amount))
+
+    def _unaccount(self, st: _RequestState, worker: PoolWorker, attr: str, amount: int) -> None:
+        with contextlib.suppress(ValueError):
+            st.accounted.remove((worker, attr, amount))
+            setattr(worker, attr, getattr(worker, attr) - amount)
+
+    # -- cleanup -----------------------------------------------------------------------------
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _cleanup(self, st: _RequestState, admitted: bool) -> None:
+        """Let every stage go of the request. Order matters: the prefill stream must be over (its
+        KV transfer finished or aborted) before the decode reservation is freed, or late KV could
+        land in blocks that another request owns by then."""
+        try:
+            if st.encode_ref is not None and st.num_tokens_sent == 0:
+                _cancel(st.encode_ref)
+            if st.prefill_gen is not None and not st.prefill_drained:
+                # Before the first token, cancelling stops the prefill (the worker frees its
+                # blocks); after it the worker ships the KV whatever we do, so just wait for that.
+                if st.num_tokens_sent == 0:
+                    _cancel(st.prefill_gen)
+                await self._drain(st.prefill_gen, self.config.kv_transfer.timeout_s + 10.0)
+            if st.pending_reserve is not None:  # the driver stopped while a reserve() was in flight
+                worker, ref = st.pending_reserve
+                with contextlib.suppress(Exception):
+                    if await asyncio.wait_for(_as_coro(ref), 30.0) is not None:
+                        st.decode_worker = worker
+            if st.decode_worker is not None and not st.decode_done:
+                if st.decode_gen is not None:
+                    _cancel(st.decode_gen)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(_as_coro(st.decode_worker.actor.abort.remote(st.request_id)), 30.0)
+        except Exception as exc:  # noqa: BLE001 - cleanup must not raise
+            log.warning("cleanup of request %s: %s", st.request_id, exc)
+        finally:
+            for worker, attr, amount in st.accounted:
+                setattr(worker, attr, getattr(worker, attr) - amount)
+            st.accounted.clear()
+            if admitted:
+                self.admission.release()
+            self._closing.discard(st.request_id)
+            self._blocks_freed.set()
+
+    async def _drain(self, gen, timeout_s: float) -> None:
+        async def run():
+            async for ref in gen:
+                with contextlib.suppress(Exception):
+                    await ref
+
+        with contextlib.suppress(Exception, asyncio.TimeoutError):
+            await asyncio.wait_for(run(), timeout_s)
+
+
+def _first_token_stop(sampling: SamplingParams, tok: int, eos: tuple[int, ...], num_prompt: int,
+                      max_model_len: int) -> tuple[str, str] | None:
+    """``Request.check_stop`` for the token the prefill worker sampled."""
+    if (not sampling.ignore_eos and tok in eos) or tok in sampling.stop_token_ids:
+        return ("stop", "")
+    if sampling.max_tokens <= 1 or num_prompt + 1 >= max_model_len:
+        return ("length", "")
+    return None
+
+
+def _cancel(ref_or_gen) -> None:
+    # recursive=False: a prefill worker's KV-shipping calls to the decode worker run as children
+    # of its prefill task; cancelling them would strand the decode reservation mid-handshake.
+    with contextlib.suppress(Exception):
+        ray.cancel(ref_or_gen, recursive=False)
+
+
+async def _as_coro(ref):
+    return await ref
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:500]
+
+
+def _model_name(model: str, model_dir: str) -> str:
+    """A hub id as is; a folder by its name; the built-in default as tessera-tiny-<arch>."""
+    from pathlib import Path
+
+    if not model:
+        return f"tessera-tiny-{Path(model_dir).name}"
+    return Path(model).name if Path(model).expanduser().is_dir() else model
