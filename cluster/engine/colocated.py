@@ -125,10 +125,15 @@ class ColocatedEngine:
         """Validate and queue a request (raises ``InvalidRequestError``); encoding happens in
         the next ``step`` together with the other new requests' media."""
         request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._requests or any(p.request_id == request_id for p in self._to_encode):
-            raise ValueError(f"duplicate request id {request_id!r}")
-        self._to_encode.append(self.inputs.prepare(request_id, prompt, list(media), sampling))
+        self.add_prepared(self.inputs.prepare(request_id, prompt, list(media), sampling))
         return request_id
+
+    def add_prepared(self, prepared: PreparedRequest) -> None:
+        """Queue a request a front door already validated (``InputPreparer.prepare``)."""
+        rid = prepared.request_id
+        if rid in self._requests or any(p.request_id == rid for p in self._to_encode):
+            raise ValueError(f"duplicate request id {rid!r}")
+        self._to_encode.append(prepared)
 
     def abort(self, request_id: str) -> bool:
         for p in self._to_encode:
