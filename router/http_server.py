@@ -1,0 +1,407 @@
+"""The OpenAI-compatible HTTP front door: a thin FastAPI app over ``RouterCore``, served by uvicorn
+on the router's event loop (``HttpServer``), beside the gRPC server.
+
+    POST /v1/chat/completions   chat (text, image_url, input_audio parts), stream or not
+    POST /v1/completions        raw prompt (with the model's own placeholders; text-only here)
+    GET  /v1/models[/{id}]      the one served model
+    GET  /health                200 when every pool has a ready worker, else 503
+    GET  /metrics               Prometheus (router.metrics)
+
+Like the gRPC servicer it only translates: request JSON -> ``GenerateInput`` (chat messages become
+the same chat turns gRPC ``messages`` use, rendered by the core with the model's template), and
+core events -> OpenAI JSON / SSE chunks. Validation, routing and admission are the core's.
+
+Status codes (always OpenAI's error shape): malformed or invalid input 400 (before any worker is
+touched), unknown model or route 404, body over ``router.max_http_body_mb`` 413, admission full
+429, no ready worker / worker failure 503, deadline 504. A stream answers its status only once the
+first token is in, so a request that fails before it gets a real status code; a failure after it
+ends the stream with an ``{"error": ...}`` event. A client that disconnects cancels its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cluster.config import POOL_NAMES, RouterConfig
+from cluster.engine.sampling import InvalidRequestError
+from router import openai_protocol as oa
+from router.core import (DeadlineExceededError, FinalEvent, GenerateInput, OverloadedError, RequestStream,
+                         RouterCore, RouterError, TokenEvent)
+from router.media_urls import MediaResolver
+from router.openai_protocol import HTTPError
+
+log = logging.getLogger(__name__)
+
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+
+def error_of(exc: BaseException) -> HTTPError:
+    """A core error -> its HTTP status (the same mapping as the gRPC status codes)."""
+    if isinstance(exc, HTTPError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        return HTTPError(400, str(exc), code="invalid_value")
+    if isinstance(exc, OverloadedError):
+        return HTTPError(429, str(exc), code="overloaded")
+    if isinstance(exc, DeadlineExceededError):
+        return HTTPError(504, str(exc), code="deadline_exceeded")
+    if isinstance(exc, RouterError):
+        return HTTPError(503, str(exc), code="unavailable")
+    return HTTPError(500, f"internal error: {type(exc).__name__}", code="internal_error")
+
+
+def _error_response(err: HTTPError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+async def _on_http_error(request: Request, exc: HTTPError) -> JSONResponse:
+    return _error_response(exc)
+
+
+async def _on_starlette_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = "not_found" if exc.status_code == 404 else None
+    return _error_response(HTTPError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                     code=code))
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error in %s %s", request.method, request.url.path)
+    return _error_response(error_of(exc))
+
+
+def _sse(payload: BaseModel | dict) -> str:
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+# -- the two response shapes -------------------------------------------------------------------
+class _ChatShape:
+    def __init__(self, rid: str, model: str):
+        self.id, self.model = f"chatcmpl-{rid}", model
+
+    def opening(self) -> oa.ChatCompletionChunk | None:
+        return self.chunk({"role": "assistant", "content": ""})
+
+    def chunk(self, delta: dict, finish: str | None = None) -> oa.ChatCompletionChunk:
+        return oa.ChatCompletionChunk(id=self.id, model=self.model,
+                                      choices=[oa.ChatChunkChoice(delta=delta, finish_reason=finish)])
+
+    def text(self, text: str, finish: str | None = None) -> oa.ChatCompletionChunk:
+        return self.chunk({"content": text} if text else {}, finish)
+
+    def usage(self, usage: oa.UsageInfo) -> oa.ChatCompletionChunk:
+        return oa.ChatCompletionChunk(id=self.id, model=self.model, choices=[], usage=usage)
+
+    def full(self, text: str, finish: str, usage: oa.UsageInfo) -> oa.ChatCompletion:
+        return oa.ChatCompletion(id=self.id, model=self.model, usage=usage, choices=[
+            oa.ChatChoice(message=oa.AssistantMessage(content=text), finish_reason=finish)])
+
+
+class _TextShape:
+    def __init__(self, rid: str, model: str):
+        self.id, self.model = f"cmpl-{rid}", model
+
+    def opening(self) -> None:
+        return None
+
+    def text(self, text: str, finish: str | None = None) -> oa.Completion:
+        return oa.Completion(id=self.id, model=self.model, choices=[oa.CompletionChoice(text=text,
+                                                                                        finish_reason=finish)])
+
+    def usage(self, usage: oa.UsageInfo) -> oa.Completion:
+        return oa.Completion(id=self.id, model=self.model, choices=[], usage=usage)
+
+    def full(self, text: str, finish: str, usage: oa.UsageInfo) -> oa.Completion:
+        out = self.text(text, finish)
+        out.usage = usage
+        return out
+
+
+def _usage(final: FinalEvent) -> oa.UsageInfo:
+    u = final.usage
+    return oa.UsageInfo(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                        total_tokens=u.prompt_tokens + u.completion_tokens)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+# -- the app -----------------------------------------------------------------------------------
+class OpenAIApp:
+    """The routes, over one ``RouterCore``. ``app`` is the ASGI application."""
+
+    def __init__(self, core: RouterCore, config: RouterConfig):
+        self.core = core
+        limits = core.config.engine.limits
+        self.max_body_bytes = int(config.max_http_body_mb * 2**20)
+        self.max_media = limits.max_media_per_request
+        self.default_max_tokens = min(config.default_max_tokens, limits.max_tokens)
+        self.media = MediaResolver(config.media_url_allowlist, config.media_url_timeout_s, limits.max_media_bytes)
+        self.created = int(time.time())
+        self.is_stopping = False
+        app = FastAPI(title="Tessera", docs_url=None, redoc_url=None, openapi_url=None)
+        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
+        app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        app.add_api_route("/v1/models", self.list_models, methods=["GET"])
+        app.add_api_route("/v1/models/{model_id:path}", self.get_model, methods=["GET"])
+        app.add_api_route("/health", self.health, methods=["GET"])
+        app.add_api_route("/metrics", self.metrics, methods=["GET"])
+        app.add_exception_handler(HTTPError, _on_http_error)
+        app.add_exception_handler(StarletteHTTPException, _on_starlette_error)  # unknown route, wrong method
+        app.add_exception_handler(Exception, _on_unexpected)
+        self.app = _CountResponses(app, core.metrics)
+
+    # -- routes -----------------------------------------------------------------------------------
+    async def chat_completions(self, request: Request) -> Response:
+        req = await self._parse(request, oa.ChatCompletionRequest)
+        model = self._served_model(req.model)
+        req.check_supported()
+        turns, parts = req.chat_turns()
+        if len(parts) > self.max_media:  # before fetching or decoding any of them
+            raise HTTPError(400, f"{len(parts)} media items sent; at most {self.max_media} are allowed",
+                            param="messages")
+        media = [await self.media.resolve(part, param) for param, part in parts]
+        rid = uuid.uuid4().hex
+        inp = GenerateInput(messages=turns, media=media, sampling=req.sampling(self.default_max_tokens),
+                            request_id=rid)
+        return await self._generate(request, inp, req, _ChatShape(rid, model))
+
+    async def completions(self, request: Request) -> Response:
+        req = await self._parse(request, oa.CompletionRequest)
+        model = self._served_model(req.model)
+        req.check_supported()
+        rid = uuid.uuid4().hex
+        inp = GenerateInput(prompt=req.prompt_text(), sampling=req.sampling(self.default_max_tokens),
+                            request_id=rid)
+        return await self._generate(request, inp, req, _TextShape(rid, model))
+
+    async def list_models(self, request: Request) -> oa.ModelList:
+        return oa.ModelList(data=[self._model_card()])
+
+    async def get_model(self, request: Request, model_id: str) -> oa.ModelCard:
+        self._served_model(model_id)
+        return self._model_card()
+
+    async def health(self, request: Request) -> dict:
+        if self.is_stopping:
+            raise HTTPError(503, "the server is shutting down", code="unavailable")
+        missing = [pool for pool in POOL_NAMES if not self.core.controller.ready_workers(pool)]
+        if missing:
+            raise HTTPError(503, f"no ready worker in pool(s) {', '.join(missing)}", code="unavailable")
+        return {"status": "ok"}
+
+    async def metrics(self, request: Request) -> Response:
+        body, content_type = await self.core.metrics.render(request.headers.get("accept", ""))
+        return Response(body, headers={"Content-Type": content_type})
+
+    # -- helpers ----------------------------------------------------------------------------------
+    async def _parse(self, request: Request, model: type[BaseModel]):
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise self._too_large()
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise self._too_large()
+            chunks.append(chunk)
+        try:
+            return model.model_validate_json(b"".join(chunks))
+        except ValidationError as exc:
+            raise oa.validation_error(exc) from None
+
+    def _too_large(self) -> HTTPError:
+        return HTTPError(413, f"the request body is over {self.max_body_bytes} bytes (router.max_http_body_mb)",
+                         code="request_too_large")
+
+    def _served_model(self, name: str) -> str:
+        info = self.core.model_info()
+        if name and name not in (info["model_name"], info["model_path"]):
+            raise HTTPError(404, f"the model {name!r} does not exist; this server serves {info['model_name']!r}",
+                            param="model", code="model_not_found")
+        return info["model_name"]
+
+    def _model_card(self) -> oa.ModelCard:
+        info = self.core.model_info()
+        return oa.ModelCard(id=info["model_name"], created=self.created, root=info["model_path"],
+                            max_model_len=info["max_context_length"])
+
+    async def _generate(self, request: Request, inp: GenerateInput, req: oa._GenerationRequest, shape) -> Response:
+        try:
+            stream = await self.core.submit(inp)
+        except InvalidRequestError as exc:
+            raise error_of(exc) from None
+        events = aiter(stream)
+        try:
+            # Wait for the first event before answering: a failure before it gets its status code.
+            first = await _until_disconnect(request, anext(events, None))
+            if first is None:
+                raise HTTPError(503, "the request ended without a result", code="unavailable")
+            if not req.stream:
+                text, final = await _until_disconnect(request, _collect(first, events))
+                await stream.aclose()
+                if final.finish_reason == "error":
+                    raise HTTPError(503, final.message or "the request failed", code="unavailable")
+                return JSONResponse(shape.full(text, final.finish_reason, _usage(final)).model_dump(mode="json"))
+        except _ClientGone:
+            await stream.aclose()
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        except (RouterError, InvalidRequestError) as exc:
+            await stream.aclose()
+            raise error_of(exc) from None
+        except BaseException:
+            await stream.aclose()
+            raise
+        return StreamingResponse(_sse_events(first, events, shape, req.include_usage, stream),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                 background=BackgroundTask(stream.aclose))
+
+
+async def _collect(first, events: AsyncIterator) -> tuple[str, FinalEvent]:
+    texts, event = [], first
+    while not isinstance(event, FinalEvent):
+        if event is None:
+            raise HTTPError(503, "the request ended without a result", code="unavailable")
+        texts.append(event.text)
+        event = await anext(events, None)
+    return "".join(texts), event
+
+
+async def _sse_events(first, events: AsyncIterator, shape, include_usage: bool,
+                      stream: RequestStream) -> AsyncIterator[str]:
+    """The SSE body: an opening chunk (chat: the role), one chunk per text delta, a last chunk with
+    the finish reason, the usage chunk if asked for, then ``[DONE]``."""
+    try:
+        opening = shape.opening()
+        if opening is not None:
+            yield _sse(opening)
+        event = first
+        while event is not None:
+            if isinstance(event, TokenEvent):
+                if event.text:
+                    yield _sse(shape.text(event.text))
+            else:
+                if event.finish_reason == "error":
+                    yield _sse(HTTPError(503, event.message or "the request failed", code="unavailable").body())
+                else:
+                    yield _sse(shape.text("", event.finish_reason))
+                    if include_usage:
+                        yield _sse(shape.usage(_usage(event)))
+                break
+            event = await anext(events, None)
+    except (RouterError, InvalidRequestError) as exc:  # e.g. the deadline passed after the first token
+        yield _sse(error_of(exc).body())
+    finally:
+        await stream.aclose()
+    yield "data: [DONE]\n\n"
+
+
+async def _until_disconnect(request: Request, work: Awaitable):
+    """Await ``work``; raise ``_ClientGone`` (cancelling it) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise _ClientGone()
+    finally:
+        for t in (task, watch):
+            if not t.done():
+                t.cancel()
+                with contextlib.suppress(BaseException):
+                    await t
+
+
+class _CountResponses:
+    """ASGI middleware: counts responses by endpoint and status (``tessera_http_responses_total``)."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def counting_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            path = scope.get("path", "")
+            endpoint = next((r for r in ROUTES if path == r or path.startswith(r + "/")), "other")
+            self.metrics.observe_http(endpoint, status)
+
+
+# -- the server --------------------------------------------------------------------------------
+class HttpServer:
+    """uvicorn serving ``OpenAIApp`` on the running event loop (the core's), on ``router.host`` :
+    ``router.http_port``. Signals are left to the owner (``router.service``)."""
+
+    def __init__(self, core: RouterCore, config: RouterConfig):
+        self.config = config
+        self.api = OpenAIApp(core, config)
+        self.port = 0
+        self._server = None
+        self._task: asyncio.Task | None = None
+
+    @property
+    def address(self) -> str:
+        host = self.config.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    async def start(self) -> str:
+        import uvicorn
+
+        class _Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):  # the process owner handles SIGINT / SIGTERM
+                yield
+
+        host = self.config.host.strip("[]")
+        sock = socket.create_server((host, self.config.http_port),
+                                    family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=2048)
+        self.port = sock.getsockname()[1]
+        self._server = _Server(uvicorn.Config(self.api.app, log_config=None, log_level="warning",
+                                              access_log=False, lifespan="off", timeout_graceful_shutdown=5))
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="tessera-http")
+        while not self._server.started:
+            if self._task.done():
+                sock.close()
+                self._task.result()
+                raise OSError(f"the HTTP server did not start on {self.address}")
+            await asyncio.sleep(0.01)
+        return self.address
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Health 503, stop accepting, let open responses end (the core aborts what runs), close."""
+        self.api.is_stopping = True
+        if self._server is None:
+            return
+        self._server.should_exit = True
+        with contextlib.suppress(Exception, asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._task), grace_s + 10.0)

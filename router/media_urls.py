@@ -1,0 +1,120 @@
+"""Media parts of OpenAI requests -> ``MediaInput`` bytes.
+
+* ``image_url`` with a ``data:image/...;base64,...`` URI and ``input_audio`` (base64 wav/mp3/flac):
+  always, decoded in place.
+* ``image_url`` with an ``http(s)://`` URL: only when ``router.media_url_allowlist`` names its host
+  (off by default: a server that fetches any URL a client names can be made to probe its own
+  network). Each fetch is capped in time (``router.media_url_timeout_s``, the whole fetch) and size
+  (``engine.limits.max_media_bytes``, counted as the bytes arrive); redirects are not followed
+  (they could leave the list); no proxy settings from the environment are used.
+
+Every problem is the client's: ``HTTPError(400)`` naming the part (``messages.0.content.1``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from urllib.parse import urlsplit
+
+from models.processor import MediaInput
+from router.openai_protocol import HTTPError, ImageURLPart, InputAudioPart, MediaPart
+
+AUDIO_MIME = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac"}
+
+
+def host_allowed(host: str, allowlist: tuple[str, ...]) -> bool:
+    """``host`` equals an entry, or is a subdomain of a ``*.example.com`` entry (not the apex)."""
+    host = host.lower().rstrip(".")
+    for entry in allowlist:
+        if entry.startswith("*."):
+            if host.endswith(entry[1:]) and len(host) > len(entry) - 1:
+                return True
+        elif host == entry:
+            return True
+    return False
+
+
+class MediaResolver:
+    def __init__(self, allowlist: tuple[str, ...], timeout_s: float, max_bytes: int):
+        self.allowlist = allowlist
+        self.timeout_s = timeout_s
+        self.max_bytes = max_bytes
+
+    async def resolve(self, part: MediaPart, param: str) -> MediaInput:
+        if isinstance(part, InputAudioPart):
+            audio = part.input_audio
+            return MediaInput(self._b64(audio.data, f"{param}.input_audio.data"), AUDIO_MIME[audio.format])
+        assert isinstance(part, ImageURLPart)
+        url, param = part.image_url.url.strip(), f"{param}.image_url.url"
+        if url[:5].lower() == "data:":
+            return self._data_uri(url, param)
+        return await self._fetch(url, param)
+
+    # -- inline -------------------------------------------------------------------------------
+    def _data_uri(self, url: str, param: str) -> MediaInput:
+        header, sep, data = url[5:].partition(",")
+        fields = [f.strip().lower() for f in header.split(";")]
+        if not sep or "base64" not in fields[1:]:
+            raise HTTPError(400, "a data: URI must be base64-encoded: data:image/png;base64,...", param=param)
+        mime = fields[0]
+        if mime and not mime.startswith("image/"):
+            raise HTTPError(400, f"image_url holds {mime!r}; send images as image/* (audio goes in "
+                                 f"input_audio parts)", param=param)
+        return MediaInput(self._b64(data, param), mime)
+
+    def _b64(self, data: str, param: str) -> bytes:
+        if len(data) // 4 * 3 > self.max_bytes + 3:  # before decoding anything
+            raise HTTPError(400, f"media item is over {self.max_bytes} bytes", param=param)
+        try:
+            return base64.b64decode("".join(data.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise HTTPError(400, "media data is not valid base64", param=param) from None
+
+    # -- fetched ------------------------------------------------------------------------------
+    async def _fetch(self, url: str, param: str) -> MediaInput:
+        import httpx
+
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname or ""
+        except ValueError:
+            raise HTTPError(400, "image_url is not a valid URL", param=param) from None
+        if parts.scheme.lower() not in ("http", "https") or not host:
+            raise HTTPError(400, "image_url must be a data: URI or an http(s) URL", param=param)
+        if not self.allowlist:
+            raise HTTPError(400, "this server does not fetch media URLs; send the image inline as a "
+                                 "data:image/...;base64 URI", param=param, code="url_fetch_disabled")
+        if parts.username or parts.password or not host_allowed(host, self.allowlist):
+            raise HTTPError(400, f"fetching from host {host!r} is not allowed (router.media_url_allowlist)",
+                            param=param, code="url_not_allowed")
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                async with httpx.AsyncClient(follow_redirects=False, trust_env=False,
+                                             timeout=self.timeout_s) as client:
+                    async with client.stream("GET", url) as resp:
+                        if resp.status_code != 200:
+                            raise HTTPError(400, f"fetching the image answered HTTP {resp.status_code}",
+                                            param=param, code="url_fetch_failed")
+                        data = await self._read_capped(resp, param)
+                        mime = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+        except TimeoutError:
+            raise HTTPError(400, f"fetching the image took over {self.timeout_s:g} s", param=param,
+                            code="url_fetch_failed") from None
+        except httpx.HTTPError as exc:
+            raise HTTPError(400, f"cannot fetch the image: {type(exc).__name__}", param=param,
+                            code="url_fetch_failed") from None
+        return MediaInput(data, mime if mime.startswith("image/") else "")
+
+    async def _read_capped(self, resp, param: str) -> bytes:
+        declared = resp.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            raise HTTPError(400, f"the image is {declared} bytes; the limit is {self.max_bytes}", param=param)
+        chunks, size = [], 0
+        async for chunk in resp.aiter_bytes():
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise HTTPError(400, f"the image is over {self.max_bytes} bytes", param=param)
+            chunks.append(chunk)
+        return b"".join(chunks)

@@ -1,0 +1,265 @@
+"""The OpenAI-compatible API's wire types (pydantic), and their translation to ``GenerateInput``.
+
+Requests tolerate keys they do not know (OpenAI clients send many optional ones) but reject the
+few features that would otherwise be silently wrong (``UNSUPPORTED``: tools, logprobs, penalties,
+n > 1, ...). Chat messages become the transport-neutral chat turns of ``GenerateInput``
+(``{"type": "media", "index": i}`` parts), which ``RouterCore`` renders with the model's own chat
+template exactly as for gRPC ``messages``; the media parts come back in order, still to be
+resolved to bytes (``router.media_urls``).
+
+Every client-controlled size is bounded: the body (``router.max_http_body_mb``, in the server),
+messages per request, parts per message, ``n``; stop strings, media count and bytes, and
+max_tokens by the same checks as gRPC (``SamplingParams.validate``, ``InputPreparer``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.engine.sampling import SamplingParams
+
+MAX_MESSAGES = 256  # chat messages in one request
+MAX_PARTS_PER_MESSAGE = 64  # content parts in one message
+MAX_N = 1  # choices per request (n > 1 is not implemented)
+MAX_STOP_LIST = 64  # parse-time bound; SamplingParams enforces the real limit (16)
+
+
+class HTTPError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
+             413: "invalid_request_error", 429: "rate_limit_error", 500: "internal_error",
+             503: "service_unavailable", 504: "timeout"}
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+# -- requests ----------------------------------------------------------------------------------
+class _Tolerant(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown keys are kept in model_extra and ignored
+
+
+class TextPart(_Tolerant):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Tolerant):
+    url: str  # data:image/...;base64,... or an http(s) URL (only with router.media_url_allowlist)
+    detail: str | None = None  # accepted, ignored: the model's own processor sets the resolution
+
+
+class ImageURLPart(_Tolerant):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class InputAudio(_Tolerant):
+    data: str  # base64
+    format: Literal["wav", "mp3", "flac"]
+
+
+class InputAudioPart(_Tolerant):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+ContentPart = Annotated[TextPart | ImageURLPart | InputAudioPart, Field(discriminator="type")]
+MediaPart = ImageURLPart | InputAudioPart
+
+
+class ChatMessage(_Tolerant):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_PARTS_PER_MESSAGE)] | None = None
+
+
+class StreamOptions(_Tolerant):
+    include_usage: bool = False
+
+
+class _GenerationRequest(_Tolerant):
+    """What chat and text completions share: the model, sampling, streaming."""
+
+    model: str = ""
+    max_tokens: int | None = None
+    temperature: float | None = None  # OpenAI's default: 1.0
+    top_p: float | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_LIST)] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # vLLM-compatible extensions (benchmark clients send them)
+    top_k: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP_LIST)] | None = None
+
+    # key -> the values that are fine (absent or these); anything else is a feature we do not have.
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {
+        "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+        "logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+        "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "best_of": (None, 1),
+        "echo": (None, False), "suffix": (None, ""), "response_format": (None, {"type": "text"}),
+        "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
+    }
+
+    def check_supported(self) -> None:
+        if not 1 <= self.n <= MAX_N:
+            raise HTTPError(400, f"n={self.n} is not supported: at most {MAX_N} choice per request", param="n")
+        for key, fine in self.UNSUPPORTED.items():
+            value = (self.model_extra or {}).get(key)
+            if value not in fine:
+                raise HTTPError(400, f"`{key}` is not supported by this server", param=key, code="unsupported")
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        """OpenAI defaults (temperature 1, top_p 1); limits are checked by ``SamplingParams.validate``."""
+        max_tokens = self._max_tokens()
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            max_tokens=default_max_tokens if max_tokens is None else max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0, seed=self.seed, ignore_eos=self.ignore_eos, stop=stop,
+            stop_token_ids=tuple(self.stop_token_ids or ()))
+
+    def _max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_completion_tokens: int | None = None  # the newer name of max_tokens; wins when both are set
+
+    def _max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def chat_turns(self) -> tuple[list[dict[str, Any]], list[tuple[str, MediaPart]]]:
+        """``GenerateInput.messages`` (media as ``{"type": "media", "index": i}``) and the media
+        parts in conversation order (media i is the i-th one), each with its path for errors."""
+        turns, media = [], []
+        for i, message in enumerate(self.messages):
+            content = message.content
+            if content is None:
+                content = []
+            elif isinstance(content, str):
+                content = [TextPart(type="text", text=content)]
+            parts = []
+            for j, part in enumerate(content):
+                if isinstance(part, TextPart):
+                    parts.append({"type": "text", "text": part.text})
+                else:
+                    parts.append({"type": "media", "index": len(media)})
+                    media.append((f"messages.{i}.content.{j}", part))
+            role = "system" if message.role == "developer" else message.role  # OpenAI's newer name
+            turns.append({"role": role, "content": parts})
+        return turns, media
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]  # one prompt per request
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+# -- responses ---------------------------------------------------------------------------------
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class _Response(BaseModel):
+    id: str
+    object: str
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletion(_Response):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: dict[str, str]  # {"role": "assistant", "content": ""} first, then {"content": "..."}, then {}
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(_Response):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None  # only in the last chunk, with stream_options.include_usage
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class Completion(_Response):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None  # always set, except on streamed chunks (then only the last, if asked)
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "tessera"
+    root: str  # the model folder or hub id
+    max_model_len: int  # context length the cluster serves (vLLM's field name)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+_BRANCH_NAMES = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+
+def validation_error(exc) -> HTTPError:
+    """A pydantic ``ValidationError`` -> 400 naming the first bad field (dotted, as OpenAI does)."""
+    errors = exc.errors(include_url=False)
+    # Of a union's failed branches, the one that got deepest says most (a bad part, not "not a str").
+    err = max(reversed(errors), key=lambda e: len(e.get("loc", ())))
+    loc: list[str] = []
+    for p in map(str, err.get("loc", ())):
+        if "[" in p or p in _BRANCH_NAMES or (loc and loc[-1] == p):  # union branch names, tag repeats
+            continue
+        loc.append(p)
+    param = ".".join(loc) or None
+    msg = err.get("msg", "invalid request")
+    return HTTPError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")

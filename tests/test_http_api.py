@@ -1,0 +1,376 @@
+"""The OpenAI-compatible HTTP API and /metrics, end to end on CPU: the official ``openai`` client
+(unmodified) and plain httpx against the router that ``served_cluster`` starts (gRPC and HTTP on
+one core). The reference is the gRPC API: the same greedy request must give the same text.
+
+Order: qwen2-audio first, then llava-clip-llama (one cluster at a time).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import threading
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cluster.engine.sampling import SamplingParams
+from models.media_samples import make_test_audio, make_test_image
+from models.processor import MediaInput
+from router.media_urls import host_allowed
+from tests.test_cluster_e2e import wait_until_idle, worker_loads
+
+IMAGE = make_test_image(1)
+QUESTION = "What is in this picture?"
+
+
+def openai_client(stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def model_name(stack) -> str:
+    return stack.core.model_info()["model_name"]
+
+
+def stream_chat(stack, content: list[dict], max_tokens: int = 16) -> tuple[str, str, object]:
+    """(streamed text, finish reason, usage) of a greedy streaming chat completion."""
+    chunks = openai_client(stack).chat.completions.create(
+        model=model_name(stack), messages=[{"role": "user", "content": content}], stream=True,
+        stream_options={"include_usage": True}, temperature=0, max_tokens=max_tokens)
+    texts, finish, usage = [], None, None
+    for chunk in chunks:
+        if chunk.usage is not None:
+            assert chunk.choices == []  # the usage chunk comes last, alone
+            usage = chunk.usage
+        for choice in chunk.choices:
+            texts.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    return "".join(texts), finish, usage
+
+
+def grpc_chat(stack, text: str, media: list[MediaInput], max_tokens: int = 16):
+    parts = [{"type": "media", "index": i} for i in range(len(media))] + [{"type": "text", "text": text}]
+    return stack.client.generate(messages=[{"role": "user", "content": parts}], media=media,
+                                 sampling=SamplingParams(max_tokens=max_tokens))
+
+
+def assert_same_as_grpc(streamed, want) -> None:
+    text, finish, usage = streamed
+    assert text == want.text
+    assert finish == want.finish_reason
+    assert (usage.prompt_tokens, usage.completion_tokens) == (want.prompt_tokens, len(want.token_ids))
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def scrape(stack) -> dict[tuple[str, tuple], float]:
+    """/metrics parsed with prometheus_client's parser: {(sample name, sorted labels): value}."""
+    resp = httpx.get(f"{stack.http_url}/metrics", timeout=30)
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(resp.text) for s in family.samples}
+
+
+def assert_openai_error(resp: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["message"] and isinstance(body["error"]["type"], str)
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    return body["error"]
+
+
+# -- no cluster ----------------------------------------------------------------------------------
+def test_media_url_allowlist_matches_hosts_exactly_or_by_subdomain():
+    allow = ("images.example.com", "*.cdn.example.org")
+    assert host_allowed("images.example.com", allow) and host_allowed("IMAGES.example.com.", allow)
+    assert host_allowed("a.cdn.example.org", allow) and host_allowed("a.b.cdn.example.org", allow)
+    for host in ("example.com", "evilimages.example.com", "images.example.com.evil.net", "cdn.example.org",
+                 "xcdn.example.org", "127.0.0.1"):
+        assert not host_allowed(host, allow), host
+    assert not host_allowed("images.example.com", ())
+
+
+@pytest.mark.parametrize("entry", ["https://images.example.com", "images.example.com/x", "host:8080", "*", "*.",
+                                   "a b", "*.*.example.com"])
+def test_media_url_allowlist_rejects_non_host_entries(entry):
+    from cluster.config import RouterConfig
+
+    with pytest.raises(ValueError, match="media_url_allowlist"):
+        RouterConfig(media_url_allowlist=(entry,))
+    assert RouterConfig(media_url_allowlist=(" Images.Example.com ",)).media_url_allowlist == ("images.example.com",)
+
+
+# -- audio ----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_openai_client_streams_an_audio_chat_equal_to_grpc(served_cluster):
+    stack = served_cluster("qwen2-audio")
+    wav = make_test_audio(2, 1.5)
+    content = [{"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}},
+               {"type": "text", "text": "What do you hear?"}]
+    want = grpc_chat(stack, "What do you hear?", [MediaInput(wav, "audio/wav")])
+    assert len(want.token_ids) > 1
+    assert_same_as_grpc(stream_chat(stack, content), want)
+
+
+# -- image ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_openai_client_streams_an_image_chat_equal_to_grpc(served_cluster):
+    stack = served_cluster("llava-clip-llama")
+    want = grpc_chat(stack, QUESTION, [MediaInput(IMAGE, "image/png")])
+    assert len(want.token_ids) > 1
+    content = [{"type": "image_url", "image_url": {"url": data_uri(IMAGE)}}, {"type": "text", "text": QUESTION}]
+    assert_same_as_grpc(stream_chat(stack, content), want)
+    # the same request without streaming, max_completion_tokens spelling
+    full = openai_client(stack).chat.completions.create(
+        model=model_name(stack), messages=[{"role": "user", "content": content}], temperature=0,
+        max_completion_tokens=16)
+    assert full.choices[0].message.content == want.text and full.choices[0].finish_reason == want.finish_reason
+    assert full.usage.completion_tokens == len(want.token_ids)
+
+
+@pytest.mark.slow
+def test_completions_models_and_health(served_cluster):
+    stack = served_cluster("llava-clip-llama")
+    prompt = "The capital of France is a city where"
+    want = stack.client.generate(prompt, [], SamplingParams(max_tokens=10))
+    client = openai_client(stack)
+    got = client.completions.create(model=model_name(stack), prompt=prompt, max_tokens=10, temperature=0)
+    assert got.choices[0].text == want.text and got.usage.completion_tokens == len(want.token_ids)
+    streamed = client.completions.create(model=model_name(stack), prompt=prompt, max_tokens=10, temperature=0,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == want.text
+
+    models = client.models.list().data
+    assert [m.id for m in models] == [model_name(stack)] == ["llava-clip-llama"]
+    assert client.models.retrieve(model_name(stack)).id == model_name(stack)
+    health = httpx.get(f"{stack.http_url}/health", timeout=30)
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+
+
+@pytest.mark.slow
+def test_client_disconnect_mid_stream_frees_every_block(served_cluster):
+    stack = served_cluster("llava-clip-llama")
+    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 1000,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{stack.http_url}/v1/chat/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        assert sum(1 for line, _ in zip(lines, range(6)) if line.startswith("data: ")) >= 3
+    wait_until_idle(stack)
+
+
+def invalid_bodies(stack) -> dict[str, tuple[str, dict | bytes, int, str | None]]:
+    """name -> (route, body, status, param)."""
+    user = [{"role": "user", "content": "hi"}]
+    img = {"type": "image_url", "image_url": {"url": data_uri(IMAGE)}}
+    wav = {"type": "input_audio", "input_audio": {"data": base64.b64encode(make_test_audio(1, 1.0)).decode(),
+                                                  "format": "wav"}}
+
+    def chat(**kw):
+        return {"model": model_name(stack), "messages": user, **kw}
+
+    return {
+        "not json": ("/v1/chat/completions", b"{not json", 400, None),
+        "no messages": ("/v1/chat/completions", {"model": model_name(stack)}, 400, "messages"),
+        "empty messages": ("/v1/chat/completions", chat(messages=[]), 400, "messages"),
+        "tool role": ("/v1/chat/completions", chat(messages=[{"role": "tool", "content": "x"}]), 400,
+                      "messages.0.role"),
+        "unknown part": ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [{"type": "video"}]}]),
+                         400, "messages.0.content.0"),
+        "temperature not a number": ("/v1/chat/completions", chat(temperature="hot"), 400, "temperature"),
+        "negative temperature": ("/v1/chat/completions", chat(temperature=-1), 400, None),
+        "top_p zero": ("/v1/chat/completions", chat(top_p=0), 400, None),
+        "max_tokens over the limit": ("/v1/chat/completions", chat(max_tokens=100_000), 400, None),
+        "too many stop strings": ("/v1/chat/completions", chat(stop=[f"s{i}" for i in range(17)]), 400, None),
+        "n=2": ("/v1/chat/completions", chat(n=2), 400, "n"),
+        "tools": ("/v1/chat/completions", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
+                  "tools"),
+        "placeholder in text": ("/v1/chat/completions", chat(messages=[{"role": "user", "content": "<image> hi"}]),
+                                400, None),
+        "corrupt image": ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]}]), 400, None),
+        "not base64": ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]), 400,
+            "messages.0.content.0.image_url.url"),
+        "url without allow-list": ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/cat.png"}}]}]), 400,
+            "messages.0.content.0.image_url.url"),
+        "audio to an image model": ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [wav]}]),
+                                    400, None),
+        "too many images": ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [img] * 9}]), 400,
+                            "messages"),
+        "prompt too long": ("/v1/completions", {"prompt": "word " * 5000}, 400, None),
+        "token-id prompt": ("/v1/completions", {"prompt": [1, 2, 3]}, 400, "prompt"),
+        "echo": ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
+        "unknown model": ("/v1/chat/completions", chat(model="gpt-4o"), 404, "model"),
+        "unknown model (completions)": ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "model"),
+    }
+
+
+@pytest.mark.slow
+def test_malformed_requests_get_openai_errors_before_touching_workers(served_cluster):
+    stack = served_cluster("llava-clip-llama")
+    counters = ("cache_hits", "cache_misses", "num_prefilled", "num_reserved", "num_finished", "kv_blocks_free")
+    before = {wid: {k: load.get(k) for k in counters} for wid, load in worker_loads(stack).items()}
+    with httpx.Client(base_url=stack.http_url, timeout=60) as http:
+        for name, (route, body, status, param) in invalid_bodies(stack).items():
+            resp = http.post(route, content=body) if isinstance(body, bytes) else http.post(route, json=body)
+            assert_openai_error(resp, status, param)
+        assert_openai_error(http.get("/v1/nothing"), 404)
+        assert_openai_error(http.post("/v2/chat/completions", json={}), 404)
+        assert_openai_error(http.get("/v1/models/gpt-4o"), 404)
+    after = {wid: {k: load.get(k) for k in counters} for wid, load in worker_loads(stack).items()}
+    assert after == before
+    # the official client raises its typed errors for them
+    with pytest.raises(openai.BadRequestError):
+        openai_client(stack).chat.completions.create(model=model_name(stack), messages=[], max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        openai_client(stack).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.slow
+def test_body_over_the_limit_is_413(served_cluster):
+    stack = served_cluster("llava-clip-llama")
+    api = stack.router.http.api
+    limit, api.max_body_bytes = api.max_body_bytes, 4096
+    try:
+        content = [{"type": "image_url", "image_url": {"url": data_uri(IMAGE)}}]  # ~100 KB of base64
+        resp = httpx.post(f"{stack.http_url}/v1/chat/completions", timeout=60,
+                          json={"messages": [{"role": "user", "content": content}]})
+        assert_openai_error(resp, 413)
+    finally:
+        api.max_body_bytes = limit
+
+
+@pytest.mark.slow
+def test_overload_is_429_and_no_ready_worker_is_503(served_cluster):
+    from cluster.controller import WorkerState
+
+    stack = served_cluster("llava-clip-llama")
+    url, chat = f"{stack.http_url}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                         "max_tokens": 2}
+    admission = stack.core.admission
+    limits = admission.max_inflight, admission.max_queued
+    admission.max_inflight, admission.max_queued = 0, 0  # full: no slot, no room in the queue
+    try:
+        assert_openai_error(httpx.post(url, json=chat, timeout=60), 429)
+        with pytest.raises(openai.RateLimitError):
+            openai_client(stack).chat.completions.create(model=model_name(stack), stream=True, **chat)
+    finally:
+        admission.max_inflight, admission.max_queued = limits
+    wait_until_idle(stack)
+
+    [decode] = stack.cluster.controller.workers("decode")
+    decode.state = WorkerState.DRAINING  # no READY decode worker: nothing can take the request
+    try:
+        assert_openai_error(httpx.post(url, json=chat, timeout=60), 503)
+        assert_openai_error(httpx.get(f"{stack.http_url}/health", timeout=30), 503)
+    finally:
+        decode.state = WorkerState.READY
+    assert httpx.post(url, json=chat, timeout=60).status_code == 200
+
+
+@pytest.mark.slow
+def test_media_urls_are_fetched_only_from_allowlisted_hosts(served_cluster):
+    stack = served_cluster("llava-clip-llama")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            body = IMAGE if self.path == "/cat.png" else b""
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    resolver = stack.router.http.api.media
+    saved = resolver.allowlist, resolver.max_bytes
+    resolver.allowlist = ("127.0.0.1",)
+    try:
+        want = grpc_chat(stack, QUESTION, [MediaInput(IMAGE, "image/png")], max_tokens=6)
+        content = [{"type": "image_url", "image_url": {"url": f"{base}/cat.png"}}, {"type": "text", "text": QUESTION}]
+        assert_same_as_grpc(stream_chat(stack, content, max_tokens=6), want)
+
+        def post(url: str) -> httpx.Response:
+            return httpx.post(f"{stack.http_url}/v1/chat/completions", timeout=60, json={"messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]})
+
+        param = "messages.0.content.0.image_url.url"
+        assert assert_openai_error(post(f"http://localhost:{server.server_address[1]}/cat.png"), 400,
+                                   param)["code"] == "url_not_allowed"
+        assert "404" in assert_openai_error(post(f"{base}/missing.png"), 400, param)["message"]
+        assert assert_openai_error(post("ftp://127.0.0.1/cat.png"), 400, param)
+        resolver.max_bytes = 1000
+        assert "bytes" in assert_openai_error(post(f"{base}/cat.png"), 400, param)["message"]
+    finally:
+        resolver.allowlist, resolver.max_bytes = saved
+        server.shutdown()
+        server.server_close()
+
+
+def value(samples, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.mark.slow
+def test_metrics_parse_and_move_with_traffic(served_cluster):
+    stack = served_cluster("llava-clip-llama")
+    wait_until_idle(stack)
+    before = scrape(stack)
+    families = {f.name: f.type for f in text_string_to_metric_families(
+        httpx.get(f"{stack.http_url}/metrics", timeout=30).text)}
+    for name, kind in {"tessera_requests": "counter", "tessera_request_stage_seconds": "histogram",
+                       "tessera_time_to_first_token_seconds": "histogram",
+                       "tessera_time_per_output_token_seconds": "histogram",
+                       "tessera_e2e_request_latency_seconds": "histogram", "tessera_worker_queued_requests": "gauge",
+                       "tessera_worker_kv_blocks_used": "gauge", "tessera_worker_kv_blocks_total": "gauge",
+                       "tessera_encoder_cache_hit_rate": "gauge", "tessera_encoder_cache_hits": "counter",
+                       "tessera_kv_transfer_bytes": "counter", "tessera_http_responses": "counter"}.items():
+        assert families.get(name) == kind, name
+
+    image = make_test_image(11)  # new to the encoder cache: one miss, then one hit
+    content = [{"type": "image_url", "image_url": {"url": data_uri(image)}}, {"type": "text", "text": QUESTION}]
+    for _ in range(2):
+        stream_chat(stack, content, max_tokens=5)
+    httpx.post(f"{stack.http_url}/v1/chat/completions", json={"messages": []}, timeout=30)  # one invalid
+    wait_until_idle(stack)
+    after = scrape(stack)
+
+    def delta(name: str, **labels) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    finished = delta("tessera_requests_total", outcome="length") + delta("tessera_requests_total", outcome="stop")
+    assert finished == 2
+    for stage in ("queue", "encode", "prefill"):
+        assert delta("tessera_request_stage_seconds_count", stage=stage) == 2, stage
+    assert delta("tessera_time_to_first_token_seconds_count") == 2
+    assert delta("tessera_e2e_request_latency_seconds_count") == 2
+    assert delta("tessera_generation_tokens_total") >= 2
+    assert delta("tessera_encoder_cache_hits_total", worker="encoder-0") == 1
+    assert delta("tessera_encoder_cache_misses_total", worker="encoder-0") == 1
+    assert 0 < value(after, "tessera_encoder_cache_hit_rate") <= 1
+    assert delta("tessera_http_responses_total", endpoint="/v1/chat/completions", code="200") == 2
+    assert delta("tessera_http_responses_total", endpoint="/v1/chat/completions", code="400") == 1
+    # per-worker gauges for every worker; idle now, so no KV block is in use
+    for w in stack.cluster.controller.workers():
+        assert ("tessera_worker_queued_requests", (("pool", w.pool), ("worker", w.worker_id))) in after
+        if w.pool != "encoder":
+            assert value(after, "tessera_worker_kv_blocks_total", pool=w.pool, worker=w.worker_id) > 0
+            assert value(after, "tessera_worker_kv_blocks_used", pool=w.pool, worker=w.worker_id) == 0
+    assert value(after, "tessera_workers", pool="decode", state="ready") == 1
+    assert delta("tessera_kv_transfer_bytes_total") > 0
+    assert delta("tessera_requests_total", outcome="invalid") == 0  # that 400 came from the HTTP layer, not the core
