@@ -3,9 +3,11 @@
     tessera make-tiny-model --arch ARCH OUT     write a tiny random-weight checkpoint
     tessera generate [--model DIR] ... PROMPT   run one request in-process (colocated engine)
     tessera generate --server HOST:PORT ...     the same request through a running cluster (gRPC)
-    tessera serve [--model M] [--config F]      start the cluster (Ray pools + gRPC router)
+    tessera serve [--model M] [--config F]      start the cluster (Ray pools + gRPC and HTTP router)
     tessera status --server HOST:PORT [--json]  pools, workers, load, KV-transfer counters
+    tessera scale --server HOST:PORT decode=4   resize pools at runtime (admin; --api-key)
     tessera demo                                start a tiny cluster, send image/audio requests, exit
+    tessera bench suite|run|sweep|workloads     benchmarks: comparisons, load runs, goodput (benchmarks/)
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("serve", help="start the cluster: encoder/prefill/decode pools on Ray behind a gRPC router")
+    p = sub.add_parser("serve", help="start the cluster: encoder/prefill/decode pools on Ray behind a gRPC and "
+                                     "OpenAI-compatible HTTP router")
     _add_cluster_flags(p)
     p.add_argument("--address", default=None, metavar="RAY_ADDRESS",
                    help="join this Ray cluster (e.g. auto, or 10.0.0.1:6379) instead of starting a local instance")
@@ -65,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the status as one JSON object")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("scale", help="set pool sizes at runtime (returns once accepted; workers then start or drain)")
+    p.add_argument("--server", required=True, metavar="HOST:PORT", help="address of `tessera serve`'s gRPC port")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="admin key when the server sets router.api_keys (default: $TESSERA_API_KEY)")
+    p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                   help="then wait (up to SECONDS) until every named pool has exactly that many ready workers")
+    p.add_argument("sizes", nargs="+", metavar="POOL=N",
+                   help="e.g. encoder=2 decode=4 (pools not named keep their size)")
+    p.set_defaults(func=cmd_scale)
+
     p = sub.add_parser("demo", help="start a local tiny cluster, send real requests over gRPC, print them, exit")
     p.add_argument("--arch", action="append", choices=["llava-clip-llama", "llava-siglip-qwen2", "qwen2-audio"],
                    help="tiny model(s) to demo (repeatable; default: llava-clip-llama with an image, "
@@ -72,13 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=24, help="tokens to generate per request")
     p.add_argument("--config", type=Path, default=None, help="cluster config YAML (pools, transport)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmarks: the comparisons (suite), one load run or a goodput sweep against "
+                                     "a server (run, sweep), the workload files (workloads)")
+    from benchmarks.cli import add_bench_arguments  # argparse only; the rest is imported when run
+
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
 def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder or hub id (default: the built-in tiny model)")
     p.add_argument("--config", type=Path, default=None, help="cluster config YAML (see `python -m cluster.config`)")
-    p.add_argument("--host", default=None, help="address the gRPC server binds to (default 127.0.0.1)")
+    p.add_argument("--host", default=None, help="address the gRPC and HTTP servers bind to (default 127.0.0.1)")
     p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 50051; 0 picks a free one)")
     p.add_argument("--http-port", type=int, default=None, help="HTTP port for the OpenAI-compatible API (default 8000)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
@@ -185,6 +205,18 @@ def _generate_remote(args) -> int:
     return 0
 
 
+def _log_pool_events() -> None:
+    """Scaling, drains, deaths and health failures (cluster.controller / .health / .autoscaler) to stderr."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("cluster.controller", "cluster.health", "cluster.autoscaler"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+
+
 def cmd_serve(args) -> int:
     import asyncio
     import signal
@@ -197,6 +229,7 @@ def cmd_serve(args) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    _log_pool_events()
     print("starting the cluster: Ray, then "
           + ", ".join(f"{n} {p.num_workers}" for n, p in config.pools.items()) + " workers ...", flush=True)
     cluster = Cluster(config, address=args.address)
@@ -207,12 +240,12 @@ def cmd_serve(args) -> int:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
         cluster.start()
 
-        def on_ready(grpc_address: str) -> None:
+        def on_ready(grpc_address: str, http_address: str) -> None:
             print(f"Tessera is serving {config.engine.model or 'the built-in tiny model'} ({cluster.model_dir})")
             print(f"  gRPC     {grpc_address}   (tessera generate --server {grpc_address} ...; "
                   f"tessera status --server {grpc_address})")
-            print(f"  HTTP     port {config.router.http_port} reserved: the OpenAI-compatible API is not part of "
-                  "this build yet")
+            print(f"  HTTP     http://{http_address}/v1   (OpenAI-compatible; Prometheus at "
+                  f"http://{http_address}/metrics)")
             print(f"  Ray      {args.address or 'local instance'}; KV transport {config.kv_transfer.transport}")
             print("Press Ctrl-C to stop.", flush=True)
 
@@ -247,16 +280,73 @@ def cmd_status(args) -> int:
     return 0
 
 
+def parse_sizes(items: list[str]) -> dict[str, int]:
+    """["encoder=2", "decode=4"] -> {"encoder": 2, "decode": 4}; ValueError naming a bad item."""
+    sizes = {}
+    for item in items:
+        pool, sep, num = item.partition("=")
+        if not sep or not pool or not num.strip().isdigit():
+            raise ValueError(f"{item!r}: expected POOL=N, e.g. decode=4")
+        sizes[pool.strip()] = int(num)
+    return sizes
+
+
+def cmd_scale(args) -> int:
+    import time
+
+    import grpc
+
+    from cluster.client import TesseraClient
+
+    try:
+        sizes = parse_sizes(args.sizes)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    api_key = args.api_key or os.environ.get("TESSERA_API_KEY") or None
+    with TesseraClient(args.server) as client:
+        try:
+            accepted, message = client.scale(sizes, api_key=api_key)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+        if not accepted:
+            print(f"rejected: {message}", file=sys.stderr)
+            return 1
+        print(f"accepted: {message}", flush=True)
+        if args.wait is None:
+            return 0
+        deadline = time.monotonic() + args.wait
+        while True:
+            pools = client.status()["pools"]
+            states = {p: [w["state"] for w in pools[p]["workers"]] for p in sizes}
+            if all(s.count("ready") == sizes[p] and not {"starting", "draining"} & set(s) for p, s in states.items()):
+                print("done: " + ", ".join(f"{p} {n} ready" for p, n in sizes.items()))
+                return 0
+            if time.monotonic() > deadline:
+                print(f"error: not done after {args.wait:.0f} s: {states}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+
+
 def format_status(status: dict) -> str:
+    from collections import Counter
+
     lines = [f"{'worker':<12} {'state':<9} {'queued':>7} {'q.tokens':>9} {'running':>8} {'kv free/total':>15} "
              f"{'cache hit/miss':>15}"]
-    for pool in status["pools"].values():
+    for name, pool in status["pools"].items():
+        states = Counter(w["state"] for w in pool["workers"])
+        counts = ", ".join(f"{states[s]} {s}" for s in ("ready", "starting", "draining", "dead") if states[s])
+        lines.append(f"[{name}] desired {pool['desired_size']} (min {pool.get('min_workers', 0)}, max "
+                     f"{pool.get('max_workers', 0)}, autoscaling {'on' if pool.get('autoscaling') else 'off'}): "
+                     f"{counts or 'no workers'}")
         for w in pool["workers"]:
             kv = f"{w['num_kv_blocks_free']}/{w['num_kv_blocks_total']}" if w["num_kv_blocks_total"] else "-"
             hits = w["num_encoder_cache_hits"] + w["num_encoder_cache_misses"]
             cache = f"{w['num_encoder_cache_hits']}/{w['num_encoder_cache_misses']}" if hits else "-"
             lines.append(f"{w['id']:<12} {w['state']:<9} {w['num_queued_requests']:>7} {w['num_queued_tokens']:>9} "
-                         f"{w['num_running_requests']:>8} {kv:>15} {cache:>15}")
+                         f"{w['num_running_requests']:>8} {kv:>15} {cache:>15}"
+                         + (f"   {w['error']}" if w.get("error") else ""))
     kv = status["kv_transfer"]
     lines.append(f"KV transfer ({kv['transport']}): {kv['bytes']} bytes in {kv['transfers_completed']} transfers, "
                  f"{kv['transfers_failed']} failed")
@@ -268,6 +358,12 @@ def cmd_demo(args) -> int:
 
     return run_demo(args.arch or ["llava-clip-llama", "qwen2-audio"], max_tokens=args.max_tokens,
                     config_path=args.config)
+
+
+def cmd_bench(args) -> int:
+    from benchmarks.cli import main as bench_main
+
+    return bench_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:

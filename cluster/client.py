@@ -5,6 +5,7 @@
                                  SamplingParams(max_tokens=32))
         print(result.text, result.ttft_s)
         print(client.status())          # {"pools": {...}, "kv_transfer": {...}}
+        client.scale({"decode": 4}, api_key=key)   # (accepted, message); workers start in the background
 
 Client-side timings follow ``vllm bench serve``: TTFT is request sent -> first chunk received,
 TPOT is (E2E - TTFT) / (output tokens - 1).
@@ -97,8 +98,10 @@ def status_to_dict(status: pb.ClusterStatus) -> dict[str, Any]:
                 "num_kv_blocks_total": load.num_kv_blocks_total,
                 "num_encoder_cache_hits": load.num_encoder_cache_hits,
                 "num_encoder_cache_misses": load.num_encoder_cache_misses,
+                "error": w.error,
             })
-        pools[pool.name] = {"desired_size": pool.desired_size, "workers": workers}
+        pools[pool.name] = {"desired_size": pool.desired_size, "min_workers": pool.min_workers,
+                            "max_workers": pool.max_workers, "autoscaling": pool.autoscaling, "workers": workers}
     kv = status.kv_transfer
     return {"pools": pools,
             "kv_transfer": {"transport": kv.transport, "bytes": kv.num_bytes_transferred,
@@ -151,6 +154,17 @@ class TesseraClient:
 
     def status(self) -> dict[str, Any]:
         return status_to_dict(self.status_proto())
+
+    # -- admin -----------------------------------------------------------------------------------
+    def scale(self, desired_sizes: dict[str, int], api_key: str | None = None,
+              timeout_s: float = 30.0) -> tuple[bool, str]:
+        """ScaleCluster: (accepted, message). Returns once the server accepted or rejected the new
+        sizes; workers then start or drain (watch ``status()``). Raises ``grpc.RpcError``
+        (UNAUTHENTICATED without a valid ``api_key`` when the server has keys)."""
+        metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
+        resp = self.stub.ScaleCluster(pb.ScaleRequest(desired_sizes=desired_sizes), metadata=metadata,
+                                      timeout=timeout_s)
+        return resp.accepted, resp.message
 
     def health(self, service: str = "", timeout_s: float = 5.0) -> str:
         """"SERVING", "NOT_SERVING", ... of ``service`` ("" = the whole server)."""

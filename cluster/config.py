@@ -62,6 +62,55 @@ class EngineConfig(_Closed):
 POOL_NAMES = ("encoder", "prefill", "decode")
 
 
+class AutoscalingConfig(_Closed):
+    """When the autoscaler resizes one pool (``cluster/autoscaler.py``). Each ``target_*`` is what
+    one worker should carry (0 turns that signal off); the pool is sized for its most demanding
+    signal, between the pool's ``min_workers`` and ``max_workers``. A size change needs the load to
+    ask for it without a break for the up (or down) delay, which is what keeps it from flapping."""
+
+    enabled: bool = Field(False, description="let the autoscaler set this pool's size (min_workers..max_workers)")
+    window_s: float = Field(
+        30.0, gt=0, le=3600, description="look-back window: each decision uses the metrics averaged over it, seconds")
+    upscale_delay_s: float = Field(
+        30.0, ge=0, le=3600,
+        description="load must call for more workers this long, without a break, to add any, seconds")
+    downscale_delay_s: float = Field(
+        300.0, ge=0, le=86400,
+        description="load must call for fewer workers this long, without a break, to remove any, seconds")
+
+    def targets(self) -> dict[str, float]:
+        """{metric: target per worker} of the signals that are on, e.g. {"queued_tokens": 8192.0}."""
+        return {name.removeprefix("target_"): float(value) for name, value in self
+                if name.startswith("target_") and value > 0}
+
+    @model_validator(mode="after")
+    def _check_targets(self) -> "AutoscalingConfig":
+        if self.enabled and not self.targets():
+            raise ValueError("autoscaling is enabled but every target_* is 0: set at least one target")
+        return self
+
+
+class EncoderAutoscalingConfig(AutoscalingConfig):
+    target_queued_items: float = Field(
+        16.0, ge=0, description="media items queued or being encoded per worker (0: off)")
+    target_ttft_s: float = Field(0.0, ge=0, description="mean TTFT of requests with media, seconds (0: off)")
+
+
+class PrefillAutoscalingConfig(AutoscalingConfig):
+    target_queued_requests: float = Field(
+        0.0, ge=0, description="prompts waiting or being prefilled per worker (0: off)")
+    target_queued_tokens: float = Field(
+        8192.0, ge=0, description="prompt tokens waiting or being prefilled per worker (0: off)")
+    target_ttft_s: float = Field(0.0, ge=0, description="mean TTFT, seconds (0: off)")
+
+
+class DecodeAutoscalingConfig(AutoscalingConfig):
+    target_running_requests: float = Field(0.0, ge=0, description="requests in the running batch per worker (0: off)")
+    target_kv_utilization: float = Field(
+        0.75, ge=0, le=1, description="share of KV blocks in use or reserved, mean over workers (0: off)")
+    target_tpot_s: float = Field(0.0, ge=0, description="mean time per output token, seconds (0: off)")
+
+
 class PoolConfig(_Closed):
     """One pool of identical workers (Ray actors) and what each worker asks Ray for.
 
@@ -72,6 +121,10 @@ class PoolConfig(_Closed):
     """
 
     num_workers: int = Field(1, ge=0, le=1024, description="workers started with the cluster")
+    min_workers: int = Field(
+        1, ge=0, le=1024, description="fewest workers: scaling stops here and dead workers are replaced up to it")
+    max_workers: int = Field(
+        64, ge=1, le=1024, description="most workers `tessera scale` or the autoscaler may ask for")
     num_cpus: float = Field(0.5, ge=0, description="CPUs Ray reserves per worker (fractions allowed)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves per worker (fractions share one GPU)")
     resources: dict[str, float] = Field(
@@ -91,6 +144,13 @@ class PoolConfig(_Closed):
                 raise ValueError(f"resource {name!r}: amounts must be >= 0")
         return value
 
+    @model_validator(mode="after")
+    def _check_sizes(self) -> "PoolConfig":
+        if not self.min_workers <= self.num_workers <= self.max_workers:
+            raise ValueError(f"need min_workers <= num_workers <= max_workers, got {self.min_workers} / "
+                             f"{self.num_workers} / {self.max_workers}")
+        return self
+
 
 class EncoderPoolConfig(PoolConfig):
     """The encoder pool: a ``PoolConfig`` plus cross-request batching and the output cache."""
@@ -100,6 +160,22 @@ class EncoderPoolConfig(PoolConfig):
         2.0, ge=0, le=1000, description="how long a worker waits for more items before a forward, ms")
     cache_mb: float = Field(
         256.0, ge=0, description="encoder-output LRU cache per worker, MiB (keyed by media content hash)")
+    autoscaling: EncoderAutoscalingConfig = Field(
+        EncoderAutoscalingConfig(), description="autoscaler policy of the encoder pool")
+
+
+class PrefillPoolConfig(PoolConfig):
+    """The prefill pool: a ``PoolConfig`` plus its autoscaler policy."""
+
+    autoscaling: PrefillAutoscalingConfig = Field(
+        PrefillAutoscalingConfig(), description="autoscaler policy of the prefill pool")
+
+
+class DecodePoolConfig(PoolConfig):
+    """The decode pool: a ``PoolConfig`` plus its autoscaler policy."""
+
+    autoscaling: DecodeAutoscalingConfig = Field(
+        DecodeAutoscalingConfig(), description="autoscaler policy of the decode pool")
 
 
 class PoolsConfig(_Closed):
@@ -107,8 +183,10 @@ class PoolsConfig(_Closed):
 
     encoder: EncoderPoolConfig = Field(
         EncoderPoolConfig(), description="encoder workers: media decode + tower + projector")
-    prefill: PoolConfig = Field(PoolConfig(), description="prefill workers: LM prefill, first token, KV send")
-    decode: PoolConfig = Field(PoolConfig(), description="decode workers: KV receive, continuous-batch decode")
+    prefill: PrefillPoolConfig = Field(
+        PrefillPoolConfig(), description="prefill workers: LM prefill, first token, KV send")
+    decode: DecodePoolConfig = Field(
+        DecodePoolConfig(), description="decode workers: KV receive, continuous-batch decode")
 
     def items(self) -> list[tuple[str, PoolConfig]]:
         return [(name, getattr(self, name)) for name in POOL_NAMES]
@@ -122,15 +200,25 @@ class KVTransferConfig(_Closed):
     timeout_s: float = Field(30.0, gt=0, le=3600, description="deadline of one request's whole KV transfer, seconds")
     interface: str = Field(
         "127.0.0.1", min_length=1,
-        description="local IP address the transport's sockets bind to (must be reachable from the peer nodes)")
+        description="local IP address the transport's sockets bind to (must be reachable from the peer nodes); "
+                    "auto: each worker's node IP as Ray sees it (multi-node clusters)")
 
 
 class RouterConfig(_Closed):
     """The front door: gRPC server, admission control, routing knobs."""
 
-    host: str = Field("127.0.0.1", min_length=1, description="address the gRPC server binds to (0.0.0.0: all)")
+    host: str = Field("127.0.0.1", min_length=1,
+                      description="address the gRPC and HTTP servers bind to (0.0.0.0: all)")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: pick a free one)")
     http_port: int = Field(8000, ge=0, le=65535, description="OpenAI-compatible HTTP port (0: pick a free one)")
+    max_http_body_mb: float = Field(
+        64.0, gt=0, le=2047, description="largest HTTP request body, MiB (bounds inline base64 media); larger: 413")
+    media_url_allowlist: tuple[str, ...] = Field(
+        (), description="hosts that http(s) image URLs may be fetched from (`images.example.com`, or "
+                        "`*.example.com` for its subdomains); empty: no URL fetching, only data: URIs")
+    media_url_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="time cap of fetching one media URL, seconds (size cap: "
+                                        "engine.limits.max_media_bytes)")
     max_message_mb: float = Field(
         64.0, gt=0, le=2047, description="largest gRPC message sent or received, MiB (bounds inline media)")
     max_inflight_requests: int = Field(
@@ -143,6 +231,48 @@ class RouterConfig(_Closed):
         600.0, gt=0, description="server-side deadline of a request when the client sets none, seconds")
     encoder_affinity_max_queue: int = Field(
         8, ge=0, description="encoder media-hash affinity is skipped when the affine worker has more queued items")
+    api_keys: tuple[str, ...] = Field(
+        (), description="keys admin calls (ScaleCluster) must present as `authorization: Bearer <key>`; "
+                        "empty: no authentication. Keep the file private")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for key in value:
+            if not key or any(c.isspace() for c in key):
+                raise ValueError("api_keys entries must be non-empty and contain no whitespace")
+        return value
+
+    @field_validator("media_url_allowlist")
+    @classmethod
+    def _check_allowlist(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        hosts = tuple(h.strip().lower() for h in value)
+        for host in hosts:
+            name = host.removeprefix("*.")
+            if not name or any(c in name for c in "/:@*?# \t") or name.startswith("."):
+                raise ValueError(f"media_url_allowlist entry {host!r}: give a host name (images.example.com) or "
+                                 f"*.example.com, without scheme, port or path")
+        return hosts
+
+
+class ControllerConfig(_Closed):
+    """Pool membership at runtime (``cluster/controller.py``): health checks, draining, autoscaling."""
+
+    health_check_period_s: float = Field(
+        5.0, gt=0, le=3600,
+        description="how often every worker is probed (its event loop, model thread and device answer), seconds")
+    health_check_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="a probe that takes longer than this counts as failed, seconds")
+    health_check_failures: int = Field(
+        3, ge=1, le=100,
+        description="consecutive failed probes that mark a worker dead (an actor that died is dead at once)")
+    drain_timeout_s: float = Field(
+        0.0, ge=0,
+        description="how long a removed worker may take to finish what it holds before it is stopped (requests "
+                    "left then end with an error), seconds; 0: router.request_timeout_s + kv_transfer.timeout_s, "
+                    "so every admitted request finishes")
+    autoscale_interval_s: float = Field(
+        5.0, gt=0, le=3600, description="how often the autoscaler samples the pools' metrics and decides, seconds")
 
 
 class ClusterConfig(_Closed):
@@ -152,6 +282,8 @@ class ClusterConfig(_Closed):
     pools: PoolsConfig = Field(PoolsConfig(), description="worker pools: encoder, prefill, decode")
     kv_transfer: KVTransferConfig = Field(KVTransferConfig(), description="KV-cache transport prefill -> decode")
     router: RouterConfig = Field(RouterConfig(), description="gRPC front door and admission control")
+    controller: ControllerConfig = Field(
+        ControllerConfig(), description="runtime pool membership: health checks, draining, autoscaling")
     startup_timeout_s: float = Field(
         300.0, gt=0, description="how long launch waits for every worker to be ready (model loaded), seconds")
 
@@ -186,6 +318,11 @@ class ClusterConfig(_Closed):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    @property
+    def drain_timeout_s(self) -> float:
+        """``controller.drain_timeout_s``, or (0) long enough for every admitted request to end."""
+        return self.controller.drain_timeout_s or self.router.request_timeout_s + self.kv_transfer.timeout_s
 
     def with_overrides(self, **sections: dict) -> "ClusterConfig":
         """A copy with some fields of some sections replaced (validated), e.g.

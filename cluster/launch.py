@@ -2,8 +2,9 @@
 and the controller that tracks them.
 
     cluster = Cluster(config, address=None).start()   # ray.init, actors, wait for ready()
-    ...                                               # cluster.controller, cluster.model_dir
-    cluster.shutdown()                                # actors' shutdown(), kill, ray.shutdown
+    await cluster.start_control(latency)              # on the router's loop: reconcile, health, autoscaler
+    ...                                               # cluster.controller.scale({"decode": 4})
+    cluster.shutdown()                                # loops, actors' shutdown(), kill, ray.shutdown
 
 Placement: each worker asks Ray for its pool's ``num_cpus`` / ``num_gpus`` / custom
 ``resources`` (``PoolConfig``), so a pool lands only on nodes offering them; a pool that cannot
@@ -12,10 +13,17 @@ the cluster has, instead of hanging.
 
 Worker classes are looked up by name (``WORKER_CLASSES``) and imported only here, at start: the
 ``cluster`` package does not import the worker packages at module level (they depend on it).
+
+At runtime (``start_control``, on the router's event loop) three loops keep the pools in shape:
+the controller's reconcile loop (start / drain / replace workers, ``cluster.controller``), the
+health monitor (``cluster.health``) and, if a pool has autoscaling on, the autoscaler
+(``cluster.autoscaler``). ``RayWorkerLauncher`` is how they (and ``start``) create and kill actors.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
 import logging
 import os
@@ -73,15 +81,63 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> bool:
     return True
 
 
+class RayWorkerLauncher:
+    """Execution for the controller: one worker actor of a pool, as the pool's config asks Ray."""
+
+    def __init__(self, config: ClusterConfig):
+        self.config = config
+
+    def start(self, pool: str, worker_id: str):
+        from cluster.worker_base import start_worker
+
+        return start_worker(worker_class(pool), getattr(self.config.pools, pool), self.config.engine, worker_id,
+                            **self._worker_kwargs(pool))
+
+    def kill(self, actor) -> None:
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.kill(actor)
+
+    def describe_starting(self, pool: str, actor) -> str:
+        """Placed (its process loads the model) or still waiting for a node with the resources."""
+        import ray
+
+        try:  # NOTE: Ray's private actor table (no public API without the dashboard); best effort
+            from ray._private.state import state
+
+            pid = int(state.actor_table(actor._actor_id.hex()).get("Pid") or 0)
+            free = ray.available_resources()
+        except Exception:  # noqa: BLE001
+            return ""
+        if pid:
+            return f"loading the model (pid {pid})"
+        return (f"waiting for Ray to place it: asks {_resource_ask(getattr(self.config.pools, pool))}, the cluster "
+                f"has {_fmt_resources(free)} free (Ray's autoscaler, if configured, adds a node)")
+
+    def _worker_kwargs(self, pool: str) -> dict[str, Any]:
+        """Pool-specific constructor options (besides the engine config, id and torch threads)."""
+        if pool == "encoder":
+            enc = self.config.pools.encoder
+            return {"max_batch_size": enc.max_batch_size, "batch_wait_ms": enc.batch_wait_ms,
+                    "cache_max_bytes": int(enc.cache_mb * 2**20)}
+        return {"kv_transfer": self.config.kv_transfer}
+
+
 class Cluster:
     def __init__(self, config: ClusterConfig, address: str | None = None, *, num_cpus: float | None = None):
         self.config = config
         self.address = address
         self.num_cpus = num_cpus
-        self.controller = Controller({name: pool.num_workers for name, pool in config.pools.items()})
+        pools = config.pools.items()
+        self.controller = Controller({name: pool.num_workers for name, pool in pools},
+                                     bounds={name: (pool.min_workers, pool.max_workers) for name, pool in pools},
+                                     autoscaled=[name for name, pool in pools if pool.autoscaling.enabled])
+        self.launcher = RayWorkerLauncher(config)
         self.model_dir: Path | None = None
         self._owns_ray = False
-        self._counters = {name: 0 for name in POOL_NAMES}
+        self._control_tasks: list[asyncio.Task] = []
+        self._control_loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def adopt_ray(self, owns_ray: bool) -> None:
@@ -101,23 +157,61 @@ class Cluster:
             raise
         return self
 
-    def add_worker(self, pool: str, timeout_s: float | None = None) -> PoolWorker:
-        """Start one more worker in ``pool`` and wait until it is READY (scaling primitive)."""
-        worker = self._create_worker(pool, getattr(self.config.pools, pool))
-        self._wait_ready([worker], timeout_s or self.config.startup_timeout_s)
-        return worker
+    # -- runtime control: reconcile, health, autoscaling -----------------------------------------
+    async def start_control(self, latency=None) -> None:
+        """Start the control loops on the running event loop (the router's: they share the
+        controller's records with it). ``latency``: the router's ``LatencyWindow``."""
+        from cluster.autoscaler import Autoscaler
+        from cluster.health import HealthMonitor
 
-    def remove_worker(self, worker_id: str, timeout_s: float = 10.0) -> None:
-        """Stop routing to the worker, shut it down and kill it. (A graceful drain that waits
-        for its requests belongs to the scaling issue.)"""
-        self.controller.drain_worker(worker_id)
-        worker = self.controller.remove_worker(worker_id)
-        _stop_actor(worker.actor, timeout_s)
+        if self._control_tasks:
+            return
+        ctl = self.config.controller
+        loops = [
+            self.controller.run(self.launcher, startup_timeout_s=self.config.startup_timeout_s,
+                                drain_timeout_s=self.config.drain_timeout_s),
+            HealthMonitor(self.controller, period_s=ctl.health_check_period_s, timeout_s=ctl.health_check_timeout_s,
+                          failure_threshold=ctl.health_check_failures).run(),
+        ]
+        autoscaler = Autoscaler(self.controller, self.config, latency)
+        if autoscaler.policies:
+            loops.append(autoscaler.run())
+        self._control_loop = asyncio.get_running_loop()
+        self._control_tasks = [asyncio.create_task(c, name=f"tessera-control-{i}") for i, c in enumerate(loops)]
+
+    async def stop_control(self) -> None:
+        """Cancel the control loops (workers starting or draining stay members: ``shutdown``
+        stops them)."""
+        tasks, self._control_tasks = self._control_tasks, []
+        self._control_loop = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _stop_control_from_outside(self, timeout_s: float) -> None:
+        loop = self._control_loop
+        if not self._control_tasks or loop is None:
+            return
+        if loop.is_closed() or not loop.is_running():
+            self._control_tasks, self._control_loop = [], None
+            return
+        with contextlib.suppress(RuntimeError):
+            if asyncio.get_running_loop() is loop:  # called on the loop itself: cancel, cannot wait
+                for task in self._control_tasks:
+                    task.cancel()
+                self._control_tasks, self._control_loop = [], None
+                return
+        try:
+            asyncio.run_coroutine_threadsafe(self.stop_control(), loop).result(timeout_s)
+        except Exception:  # noqa: BLE001 - best effort: shutdown goes on
+            log.warning("control loops did not stop within %.0f s", timeout_s)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Shut every worker down (in parallel), kill them, and end Ray if this cluster started it."""
+        """Stop the control loops, shut every worker down (in parallel), kill them, and end Ray if
+        this cluster started it."""
         import ray
 
+        self._stop_control_from_outside(timeout_s)
         workers = self.controller.workers()
         for w in workers:
             self.controller.drain_worker(w.worker_id)
@@ -151,21 +245,8 @@ class Cluster:
 
     # -- helpers --------------------------------------------------------------------------------
     def _create_worker(self, pool: str, pool_config: PoolConfig) -> PoolWorker:
-        from cluster.worker_base import start_worker
-
-        worker_id = f"{pool}-{self._counters[pool]}"
-        self._counters[pool] += 1
-        handle = start_worker(worker_class(pool), pool_config, self.config.engine, worker_id,
-                              **self._worker_kwargs(pool))
-        return self.controller.add_worker(pool, worker_id, handle)
-
-    def _worker_kwargs(self, pool: str) -> dict[str, Any]:
-        """Pool-specific constructor options (besides the engine config, id and torch threads)."""
-        if pool == "encoder":
-            enc = self.config.pools.encoder
-            return {"max_batch_size": enc.max_batch_size, "batch_wait_ms": enc.batch_wait_ms,
-                    "cache_max_bytes": int(enc.cache_mb * 2**20)}
-        return {"kv_transfer": self.config.kv_transfer}
+        worker_id = self.controller.new_worker_id(pool)
+        return self.controller.add_worker(pool, worker_id, self.launcher.start(pool, worker_id))
 
     def _wait_ready(self, workers: list[PoolWorker], timeout_s: float) -> None:
         import ray
@@ -225,19 +306,6 @@ def _first_line(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None) or exc
     lines = [line for line in str(cause).splitlines() if line.strip()]
     return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
-
-
-def _stop_actor(actor, timeout_s: float) -> None:
-    import ray
-
-    try:
-        ray.get(actor.shutdown.remote(), timeout=timeout_s)
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        ray.kill(actor)
-    except Exception:  # noqa: BLE001
-        pass
 
 
 def worker_state_counts(controller: Controller) -> dict[str, dict[str, int]]:

@@ -7,7 +7,7 @@ first call. Blocking work (a model forward, a KV send/receive) runs in a worker 
 
 What lives here: thread setup (torch intra-op threads, 1 by default: the CPU machines this runs on
 in tests have 2 cores and oversubscription makes a tiny model ~30x slower), ``ready()`` /
-``load()`` / ``shutdown()``, the background-loop lifecycle, and the Ray actor options a
+``load()`` / ``health_probe()`` / ``shutdown()``, the background-loop lifecycle, and the Ray actor options a
 ``PoolConfig`` turns into (``actor_options`` / ``start_worker``).
 """
 
@@ -106,6 +106,25 @@ class BaseWorker:
     def _load(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    async def health_probe(self, timeout_s: float = 10.0) -> dict[str, Any]:
+        """The serving path, not just liveness: this call went through the actor's event loop; the
+        engine loop must be alive; a tiny device op must come back from the model thread (queued
+        behind at most the forward running now) within ``timeout_s``. Returns ``load()``; raises
+        otherwise (``cluster.health`` counts the failures)."""
+        if self._closed:
+            raise RuntimeError(f"worker {self.worker_id} is shut down")
+        if self._loop_task is not None and self._loop_task.done():
+            raise RuntimeError(f"worker {self.worker_id}: engine loop stopped")
+        await asyncio.wait_for(self.run_blocking(self._probe_device), timeout_s)
+        return await self.load()
+
+    def _probe_device(self) -> None:
+        """Model thread: a round trip through the worker's device (a hung GPU never returns)."""
+        device = getattr(getattr(self, "config", None), "device", "cpu")
+        x = torch.arange(4, dtype=torch.float32, device=device)
+        if float((x * 2).sum()) != 12.0:
+            raise RuntimeError(f"worker {self.worker_id}: device {device} computes wrong results")
+
     async def shutdown(self) -> None:
         """Stop the engine loop and fail/free what is in flight; the actor can then be killed."""
         self._closed = True
@@ -126,6 +145,8 @@ def _node_id() -> str:
     try:
         import ray
 
+        if not ray.is_initialized():  # (get_runtime_context() would start a local Ray instance)
+            return "local"
         return ray.get_runtime_context().get_node_id()
     except Exception:  # noqa: BLE001 — not in Ray (unit tests)
         return "local"
@@ -182,7 +203,7 @@ def make_kv_endpoint(role: str, transport: str, endpoint_id: str, *, timeout_s: 
 
     opts: dict[str, Any] = {"timeout_s": timeout_s}
     if transport == "gloo" or (transport == "nccl" and role == "receiver"):
-        opts["host"] = host
+        opts["host"] = (_node_ip() or "127.0.0.1") if host == "auto" else host  # auto: this node's IP
     if transport == "nccl":
         opts["device"] = device
     make = make_kv_sender if role == "sender" else make_kv_receiver

@@ -118,6 +118,10 @@ class DecodeWorker(BaseWorker):
         """The receiver's pair info for sender ``peer_id`` (msgpack-able; opens nothing)."""
         return self.receiver.prepare_pair(peer_id)
 
+    async def kv_forget_peer(self, peer_id: str) -> None:
+        """Prefill worker ``peer_id`` left the pool: drop the pair with it."""
+        self.receiver.forget(peer_id)
+
     async def kv_expect(self, request_id: str, sender_id: str) -> dict[str, Any]:
         """A prefill worker is about to send this request's KV: from now on an abort keeps the
         blocks until the transfer ends. Returns ``kv_prepare_pair(sender_id)``."""

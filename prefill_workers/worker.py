@@ -179,6 +179,11 @@ class PrefillWorker(BaseWorker):
             self.blocks.free(block_ids)
             self._num_shipping -= 1
 
+    async def kv_forget_peer(self, peer_id: str) -> None:
+        """Decode worker ``peer_id`` left the pool: drop the pair with it (communicator, store
+        connection). A transfer still on it fails; a later worker of that id pairs anew."""
+        self.sender.forget(peer_id)
+
     # -- helpers ---------------------------------------------------------------------------
     def _make_request(self, request: PrefillRequest, embeddings: list[torch.Tensor]) -> Request:
         if len(embeddings) != len(request.media_offsets):

@@ -1,5 +1,6 @@
-"""``RouterCore``: drives one request through the pools. Transport-neutral: the gRPC servicer (and
-the HTTP API to come) only translate to and from the types below.
+"""``RouterCore``: drives one request through the pools. Transport-neutral: the gRPC servicer and
+the OpenAI-compatible HTTP API only translate to and from the types below. Every request's outcome
+and stage timings are recorded once, here, in ``self.metrics`` (``router.metrics``).
 
 A request's life in the router::
 
@@ -45,6 +46,7 @@ from ray.exceptions import RayActorError, RayError
 from cluster.config import ClusterConfig
 from cluster.contracts import (DecodeOutput, DecodeRequest, EncodeItem, KVShipped, PrefillFirstToken,
                                PrefillRequest, Reservation)
+from cluster.autoscaler import LatencyWindow
 from cluster.controller import Controller, PoolWorker
 from cluster.engine.block_manager import NoFreeBlocksError
 from cluster.engine.detokenizer import IncrementalDetokenizer
@@ -55,6 +57,7 @@ from router import policies
 from router.admission import Admission
 from router.events import (DeadlineExceededError, Event, FinalEvent, GenerateInput, OverloadedError, RouterError,
                            StageTimings, TokenEvent, Usage, WorkerUnavailableError)
+from router.metrics import RouterMetrics
 
 __all__ = ["Admission", "DeadlineExceededError", "Event", "FinalEvent", "GenerateInput", "OverloadedError",
            "RequestStream", "RouterCore", "RouterError", "StageTimings", "TokenEvent", "Usage",
@@ -166,6 +169,8 @@ class RouterCore:
         limits = config.engine.limits
         self.preparer = InputPreparer(self.processor, limits.media(), self.max_model_len, limits.max_tokens)
         self.admission = Admission(config.router.max_inflight_requests, config.router.max_queued_requests)
+        self.metrics = RouterMetrics(controller, self.admission)  # every request's outcome and timings
+        self.latency = LatencyWindow()  # recent TTFT / TPOT, read by the autoscaler
         self._requests: dict[str, _RequestState] = {}
         self._closing: set[str] = set()  # ids whose stages are still letting go (cleanup running)
         self._background: set[asyncio.Task] = set()
@@ -177,10 +182,14 @@ class RouterCore:
         """Validate and start a request. Raises ``InvalidRequestError`` (nothing was scheduled)."""
         arrival = time.monotonic()
         request_id = inp.request_id or uuid.uuid4().hex
-        self._check_new_id(request_id)
-        prompt, media = self._render(inp)
-        prepared = await asyncio.to_thread(self.preparer.prepare, request_id, prompt, media, inp.sampling)
-        self._check_new_id(request_id)  # a same-id request may have started during preparation
+        try:
+            self._check_new_id(request_id)
+            prompt, media = self._render(inp)
+            prepared = await asyncio.to_thread(self.preparer.prepare, request_id, prompt, media, inp.sampling)
+            self._check_new_id(request_id)  # a same-id request may have started during preparation
+        except InvalidRequestError as exc:
+            self.metrics.observe_request(None, exc)
+            raise
         timeout = self.config.router.request_timeout_s
         if inp.timeout_s is not None:
             timeout = min(timeout, max(inp.timeout_s, 0.0))
@@ -306,6 +315,13 @@ class RouterCore:
         tokens: list[int] = []
         t = {"arrival": st.arrival}
         finish: tuple[str, str] | None = None
+        failure: BaseException | None = None  # what the client gets instead of a final event
+
+        def fail(exc: BaseException) -> None:
+            nonlocal failure
+            failure = exc
+            emit(_Failure(exc))
+
         try:
             await self.admission.acquire()
             admitted = True
@@ -315,26 +331,30 @@ class RouterCore:
             reason = st.stop_reason or "cancelled"
             if reason == "deadline":  # a non-OK status even after tokens, as gRPC deadlines are
                 where = "after" if st.num_tokens_sent else "before"
-                emit(_Failure(DeadlineExceededError(f"deadline exceeded {where} the first token")))
+                fail(DeadlineExceededError(f"deadline exceeded {where} the first token"))
             elif reason == "abort":
                 finish = ("abort", "aborted by request")
         except (RouterError, InvalidRequestError) as exc:
             if st.num_tokens_sent:
                 finish = ("error", str(exc))
             else:
-                emit(_Failure(exc))
+                fail(exc)
         except Exception as exc:  # noqa: BLE001 - a worker failure of any kind
             err = self._worker_failure(exc)
             log.warning("request %s failed: %s", st.request_id, err)
             if st.num_tokens_sent:
                 finish = ("error", str(err))
             else:
-                emit(_Failure(err))
+                fail(err)
         finally:
             st.finished = True
-            if finish is not None:
-                emit(self._final(st, finish, tokens, t))
+            final = self._final(st, finish, tokens, t) if finish is not None else None
+            if final is not None:
+                emit(final)
             emit(_END)
+            self.metrics.observe_request(final, failure, st.stop_reason)
+            if final is not None:
+                self.latency.record_final(final)
             self._requests.pop(st.request_id, None)
             self._closing.add(st.request_id)
             self._spawn(self._cleanup(st, admitted))

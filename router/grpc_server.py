@@ -5,7 +5,8 @@ Status codes: ``InvalidRequestError`` -> INVALID_ARGUMENT, ``OverloadedError`` -
 RESOURCE_EXHAUSTED, ``WorkerUnavailableError`` -> UNAVAILABLE, ``DeadlineExceededError`` ->
 DEADLINE_EXCEEDED. After the first token a failure ends the stream with a final message instead
 (``FINISH_REASON_ERROR``). The client's deadline and cancellation reach the core (which lets every
-stage go of the request).
+stage go of the request). Admin calls (ScaleCluster) need ``authorization: Bearer <key>`` metadata
+when ``router.api_keys`` is set (UNAUTHENTICATED otherwise; ``router.auth``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from grpc_reflection.v1alpha import reflection
 from cluster.api import tessera_pb2 as pb
 from cluster.api import tessera_pb2_grpc
 from cluster.config import RouterConfig
+from cluster.controller import ScaleError
 from cluster.engine.sampling import InvalidRequestError, SamplingParams
 from models.processor import MediaInput
+from router.auth import UNAUTHENTICATED_MESSAGE, grpc_metadata_value, is_authorized
 from router.core import (DeadlineExceededError, FinalEvent, GenerateInput, OverloadedError, RouterCore,
                          RouterError, TokenEvent)
 
@@ -142,12 +145,14 @@ def worker_load_to_proto(load: dict[str, Any]) -> pb.WorkerLoad:
 def status_to_proto(status: dict[str, Any]) -> pb.ClusterStatus:
     out = pb.ClusterStatus()
     for name, pool in status["pools"].items():
-        ps = out.pools.add(name=name, desired_size=pool.get("desired_size", len(pool["workers"])))
+        ps = out.pools.add(name=name, desired_size=pool.get("desired_size", len(pool["workers"])),
+                           min_workers=pool.get("min_workers", 0), max_workers=pool.get("max_workers", 0),
+                           autoscaling=pool.get("autoscaling", False))
         for w in pool["workers"]:
             gpu_ids = [int(g) for g in w.get("gpu_ids", [])]
             ps.workers.add(worker_id=w["id"], state=_STATE.get(w["state"], pb.WORKER_STATE_UNSPECIFIED),
                            node_id=w.get("node_id", ""), address=w.get("address", ""), gpu_ids=gpu_ids,
-                           load=worker_load_to_proto(w))
+                           load=worker_load_to_proto(w), error=w.get("error", ""))
     kv = status["kv_transfer"]
     out.kv_transfer.CopyFrom(pb.KVTransferStatus(
         transport=kv["transport"], num_bytes_transferred=kv.get("bytes", 0),
@@ -158,9 +163,10 @@ def status_to_proto(status: dict[str, Any]) -> pb.ClusterStatus:
 
 # -- the servicer ----------------------------------------------------------------------------
 class TesseraServicer(tessera_pb2_grpc.TesseraServicer):
-    def __init__(self, core: RouterCore, default_max_tokens: int = 256):
+    def __init__(self, core: RouterCore, default_max_tokens: int = 256, api_keys: tuple[str, ...] = ()):
         self.core = core
         self.default_max_tokens = default_max_tokens
+        self.api_keys = api_keys  # admin calls need one of them (empty: no authentication)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
@@ -192,9 +198,14 @@ class TesseraServicer(tessera_pb2_grpc.TesseraServicer):
         return status_to_proto(await self.core.cluster_status())
 
     async def ScaleCluster(self, request: pb.ScaleRequest, context) -> pb.ScaleResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "runtime scaling is not available yet: change pools.*.num_workers in the cluster "
-                            "config and restart `tessera serve`")
+        """Admin: accepted once the new sizes are set; workers start and drain in the background."""
+        if not is_authorized(grpc_metadata_value(context), self.api_keys):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        try:
+            message = self.core.controller.scale(dict(request.desired_sizes), source="ScaleCluster")
+        except ScaleError as exc:
+            return pb.ScaleResponse(accepted=False, message=str(exc))
+        return pb.ScaleResponse(accepted=True, message=message)
 
 
 def _bind_address(host: str, port: int) -> str:
@@ -214,7 +225,8 @@ class GrpcServer:
             ("grpc.max_receive_message_length", max_bytes),
         ])
         tessera_pb2_grpc.add_TesseraServicer_to_server(
-            TesseraServicer(core, min(config.default_max_tokens, core.config.engine.limits.max_tokens)), self.server)
+            TesseraServicer(core, min(config.default_max_tokens, core.config.engine.limits.max_tokens),
+                            config.api_keys), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

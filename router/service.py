@@ -1,11 +1,12 @@
-"""Run the router (core + gRPC server) in front of a launched cluster.
+"""Run the router (core + gRPC server + OpenAI-compatible HTTP server) in front of a launched
+cluster.
 
 Two ways, same parts:
 
 * ``serve_forever(cluster, on_ready)``: on the calling thread's event loop until SIGINT/SIGTERM
-  (``tessera serve``).
-* ``BackgroundRouter(cluster).start()``: on an event loop in a daemon thread, for tests and
-  ``tessera demo`` (the caller keeps its thread for a gRPC client).
+  (``tessera serve``), gRPC and HTTP.
+* ``BackgroundRouter(cluster, serve_http=...).start()``: on an event loop in a daemon thread, for
+  tests and ``tessera demo`` (the caller keeps its thread for a client); HTTP only when asked.
 
 The router runs in the Ray driver process (the one that launched the cluster): it holds the
 actor handles, so no extra hop sits between it and the workers.
@@ -22,30 +23,49 @@ from collections.abc import Callable
 from cluster.launch import Cluster
 from router.core import RouterCore
 from router.grpc_server import GrpcServer
+from router.http_server import HttpServer
 
 
-async def start_router(cluster: Cluster) -> tuple[RouterCore, GrpcServer]:
+async def start_router(cluster: Cluster, serve_http: bool = True) -> tuple[RouterCore, GrpcServer, HttpServer | None]:
     core = RouterCore(cluster.config, cluster.controller, str(cluster.model_dir))
     server = GrpcServer(core, cluster.config.router)
     await server.start()
-    return core, server
+    http = None
+    if serve_http:
+        http = HttpServer(core, cluster.config.router)
+        try:
+            await http.start()
+        except BaseException:
+            await server.stop(0)
+            raise
+    await cluster.start_control(core.latency)  # reconcile, health checks, autoscaler: on this loop
+    return core, server, http
 
 
-async def serve_forever(cluster: Cluster, on_ready: Callable[[str], None] | None = None,
+async def stop_router(server: GrpcServer, http: HttpServer | None, grace_s: float) -> None:
+    """Both front doors stop taking requests; the core aborts what runs (open streams end)."""
+    http_stopping = asyncio.ensure_future(http.stop(grace_s)) if http is not None else None
+    await server.stop(grace_s)
+    if http_stopping is not None:
+        await http_stopping
+
+
+async def serve_forever(cluster: Cluster, on_ready: Callable[[str, str], None] | None = None,
                         grace_s: float = 5.0) -> None:
     """Serve until SIGINT or SIGTERM, then stop taking calls, abort what runs, and return (the
-    caller shuts the cluster down)."""
+    caller shuts the cluster down). ``on_ready(grpc_address, http_address)``."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    core, server = await start_router(cluster)
+    core, server, http = await start_router(cluster)
     try:
         if on_ready is not None:
-            on_ready(server.address)
+            on_ready(server.address, http.address)
         await stop.wait()
     finally:
-        await server.stop(grace_s)
+        await cluster.stop_control()
+        await stop_router(server, http, grace_s)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 
@@ -77,18 +97,23 @@ def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> Non
 
 
 class BackgroundRouter:
-    """The router on a background event-loop thread. ``address`` is set once ``start`` returns."""
+    """The router on a background event-loop thread. ``address`` (gRPC) and, with ``serve_http``,
+    ``http_address`` are set once ``start`` returns."""
 
-    def __init__(self, cluster: Cluster):
+    def __init__(self, cluster: Cluster, serve_http: bool = False):
         self.cluster = cluster
+        self.serve_http = serve_http
         self.loop = _router_loop()
         self.core: RouterCore | None = None
         self.server: GrpcServer | None = None
+        self.http: HttpServer | None = None
         self.address = ""
+        self.http_address = ""
 
     def start(self) -> "BackgroundRouter":
-        self.core, self.server = self.run(start_router(self.cluster))
+        self.core, self.server, self.http = self.run(start_router(self.cluster, self.serve_http))
         self.address = self.server.address
+        self.http_address = self.http.address if self.http is not None else ""
         return self
 
     def run(self, coro, timeout_s: float | None = 300.0):
@@ -97,8 +122,9 @@ class BackgroundRouter:
 
     def stop(self, grace_s: float = 5.0) -> None:
         if self.server is not None:
-            server, self.server = self.server, None
-            self.run(server.stop(grace_s), timeout_s=grace_s + 30)
+            server, http, self.server, self.http = self.server, self.http, None, None
+            self.run(self.cluster.stop_control(), timeout_s=30)
+            self.run(stop_router(server, http, grace_s), timeout_s=grace_s + 30)
 
     def __enter__(self) -> "BackgroundRouter":
         return self.start()

@@ -40,7 +40,7 @@ TEST_ENGINE = {"kv_cache_memory_gb": 0.1}
 
 
 class ServedCluster:
-    """A real cluster (one encoder, prefill and decode actor) + the gRPC router + a client."""
+    """A real cluster (one encoder, prefill and decode actor) + the router (gRPC and HTTP) + a gRPC client."""
 
     def __init__(self, arch: str, model_path, **overrides):
         from cluster.client import TesseraClient
@@ -51,15 +51,17 @@ class ServedCluster:
         self.arch = arch
         self.config = ClusterConfig().with_overrides(
             engine={"model": str(model_path), **TEST_ENGINE, **overrides.get("engine", {})},
-            router={"grpc_port": 0, **overrides.get("router", {})},
-            kv_transfer=overrides.get("kv_transfer", {}))
+            router={"grpc_port": 0, "http_port": 0, **overrides.get("router", {})},
+            kv_transfer=overrides.get("kv_transfer", {}),
+            **{s: overrides[s] for s in ("pools", "controller") if s in overrides})  # test_scaling.py
         self.cluster = Cluster(self.config).start()
         try:
-            self.router = BackgroundRouter(self.cluster).start()
+            self.router = BackgroundRouter(self.cluster, serve_http=True).start()
         except BaseException:
             self.cluster.shutdown()
             raise
         self.address = self.router.address
+        self.http_url = f"http://{self.router.http_address}"  # the OpenAI-compatible API
         self.client = TesseraClient(self.address)
 
     @property

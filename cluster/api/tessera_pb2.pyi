@@ -239,30 +239,38 @@ class ClusterStatus(_message.Message):
     def __init__(self, pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., kv_transfer: _Optional[_Union[KVTransferStatus, _Mapping]] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
-    __slots__ = ("name", "desired_size", "workers")
+    __slots__ = ("name", "desired_size", "workers", "min_workers", "max_workers", "autoscaling")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESIRED_SIZE_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MIN_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    AUTOSCALING_FIELD_NUMBER: _ClassVar[int]
     name: str
     desired_size: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
-    def __init__(self, name: _Optional[str] = ..., desired_size: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...
+    min_workers: int
+    max_workers: int
+    autoscaling: bool
+    def __init__(self, name: _Optional[str] = ..., desired_size: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., autoscaling: _Optional[bool] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "state", "node_id", "address", "gpu_ids", "load")
+    __slots__ = ("worker_id", "state", "node_id", "address", "gpu_ids", "load", "error")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     GPU_IDS_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     state: WorkerState
     node_id: str
     address: str
     gpu_ids: _containers.RepeatedScalarFieldContainer[int]
     load: WorkerLoad
-    def __init__(self, worker_id: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., node_id: _Optional[str] = ..., address: _Optional[str] = ..., gpu_ids: _Optional[_Iterable[int]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ...) -> None: ...
+    error: str
+    def __init__(self, worker_id: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., node_id: _Optional[str] = ..., address: _Optional[str] = ..., gpu_ids: _Optional[_Iterable[int]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
     __slots__ = ("num_queued_requests", "num_queued_tokens", "num_running_requests", "num_kv_blocks_free", "num_kv_blocks_total", "num_encoder_cache_hits", "num_encoder_cache_misses")

@@ -380,6 +380,11 @@ class KVSender(ABC):
     def abort(self, peer_id: str | None = None) -> None:
         """Tear down the pair with `peer_id` (all pairs if None); in-flight sends on it fail."""
 
+    def forget(self, peer_id: str) -> None:
+        """The receiver left for good (scaled down, dead): abort the pair and drop what was kept
+        for it (its info, the store connection). Connecting again starts from scratch."""
+        self.abort(peer_id)
+
     def make_ticket(self, peer_id: str, meta: KVTransferMeta) -> KVTicket:
         return KVTicket(self.transport, self.sender_id, peer_id, meta)
 
@@ -430,6 +435,10 @@ class KVReceiver(ABC):
     @abstractmethod
     def abort(self, peer_id: str | None = None) -> None:
         """Tear down the pair with sender `peer_id` (all if None); in-flight recvs on it fail."""
+
+    def forget(self, peer_id: str) -> None:
+        """The sender left for good: abort the pair and drop its record."""
+        self.abort(peer_id)
 
     def num_pairs(self) -> int:
         return 0

@@ -266,6 +266,12 @@ class RendezvousKVSender(KVSender):
             if pair is not None:
                 pair.drop_comm()
 
+    def forget(self, peer_id: str) -> None:
+        with self._pairs_lock:
+            pair = self._pairs.pop(peer_id, None)
+        if pair is not None:
+            pair.drop_comm()
+
     def send(self, peer_id, meta, layers, timeout_s=None) -> KVSendResult:  # noqa: D102 (see KVSender)
         tid = meta.transfer_id
         deadline = Deadline(self.timeout_s if timeout_s is None else timeout_s, tid)
@@ -356,6 +362,12 @@ class RendezvousKVReceiver(KVReceiver):
         for pair in pairs:
             if pair is not None:
                 pair.drop_comm()
+
+    def forget(self, peer_id: str) -> None:
+        with self._pairs_lock:
+            pair = self._pairs.pop(peer_id, None)
+        if pair is not None:
+            pair.drop_comm()
 
     def _pair(self, sender_id: str) -> Pair:
         with self._pairs_lock:
