@@ -231,7 +231,7 @@ def cmd_serve(args) -> int:
         return 2
     _log_pool_events()
     print("starting the cluster: Ray, then "
-          + ", ".join(f"{n} {p.num_workers}" for n, p in config.pools.items()) + " workers ...", flush=True)
+          + ", ".join(f"{n} {p.num_workers}" for n, p in config.active_pools()) + " workers ...", flush=True)
     cluster = Cluster(config, address=args.address)
     try:
         cluster.adopt_ray(init_ray(args.address))

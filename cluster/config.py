@@ -133,6 +133,10 @@ class PoolConfig(_Closed):
     torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per worker (CPU math)")
     scheduling_strategy: Literal["DEFAULT", "SPREAD"] = Field(
         "DEFAULT", description="Ray actor scheduling: DEFAULT packs by load, SPREAD spreads workers over nodes")
+    cpu_affinity: list[int] = Field(
+        default_factory=list,
+        description="CPU cores every thread of each worker is pinned to (Linux); empty: no pinning. For fair "
+                    "side-by-side CPU benchmarks (e.g. encoder+prefill on core 0, decode on core 1)")
 
     @field_validator("resources")
     @classmethod
@@ -178,6 +182,19 @@ class DecodePoolConfig(PoolConfig):
         DecodeAutoscalingConfig(), description="autoscaler policy of the decode pool")
 
 
+class ColocatedPoolConfig(PoolConfig):
+    """The colocated pool (``mode: colocated``): each worker runs encode, prefill and decode."""
+
+    autoscaling: DecodeAutoscalingConfig = Field(
+        DecodeAutoscalingConfig(), description="not supported for the colocated pool yet: must stay disabled")
+
+    @model_validator(mode="after")
+    def _no_autoscaling(self) -> "ColocatedPoolConfig":
+        if self.autoscaling.enabled:
+            raise ValueError("autoscaling the colocated pool is not supported; use tessera scale")
+        return self
+
+
 class PoolsConfig(_Closed):
     """The three pools of a disaggregated deployment."""
 
@@ -188,7 +205,11 @@ class PoolsConfig(_Closed):
     decode: DecodePoolConfig = Field(
         DecodePoolConfig(), description="decode workers: KV receive, continuous-batch decode")
 
+    colocated: ColocatedPoolConfig = Field(
+        ColocatedPoolConfig(num_cpus=1.0), description="colocated workers (mode: colocated): encode + prefill + decode in one")
+
     def items(self) -> list[tuple[str, PoolConfig]]:
+        """The three disaggregated pools (``ClusterConfig.active_pools`` follows the mode)."""
         return [(name, getattr(self, name)) for name in POOL_NAMES]
 
 
@@ -278,6 +299,9 @@ class ControllerConfig(_Closed):
 class ClusterConfig(_Closed):
     """A whole deployment. Load with ``ClusterConfig.from_yaml(path)``; every key is optional."""
 
+    mode: Literal["disaggregated", "colocated"] = Field(
+        "disaggregated", description="disaggregated: encoder, prefill and decode pools with KV transfer; colocated: "
+                                     "one pool running all three phases per worker (the baseline)")
     engine: EngineConfig = Field(EngineConfig(), description="model and engine settings shared by every worker")
     pools: PoolsConfig = Field(PoolsConfig(), description="worker pools: encoder, prefill, decode")
     kv_transfer: KVTransferConfig = Field(KVTransferConfig(), description="KV-cache transport prefill -> decode")
@@ -287,10 +311,16 @@ class ClusterConfig(_Closed):
     startup_timeout_s: float = Field(
         300.0, gt=0, description="how long launch waits for every worker to be ready (model loaded), seconds")
 
+    def active_pools(self) -> list[tuple[str, PoolConfig]]:
+        """The pools this mode runs, as (name, config)."""
+        if self.mode == "colocated":
+            return [("colocated", self.pools.colocated)]
+        return self.pools.items()
+
     @model_validator(mode="after")
     def _check_devices(self) -> "ClusterConfig":
         if self.engine.device == "cuda":
-            cpu_only = [name for name, pool in self.pools.items() if pool.num_workers and pool.num_gpus <= 0]
+            cpu_only = [name for name, pool in self.active_pools() if pool.num_workers and pool.num_gpus <= 0]
             if cpu_only:
                 raise ValueError(
                     f"engine.device is cuda but pools {cpu_only} ask Ray for no GPU (num_gpus: 0), and Ray hides "
@@ -329,8 +359,11 @@ class ClusterConfig(_Closed):
         ``with_overrides(engine={"model": m}, router={"grpc_port": 0})``."""
         data = self.model_dump()
         for section, fields in sections.items():
-            if fields:
-                data[section] = {**data[section], **fields}
+            if isinstance(fields, dict):
+                if fields:
+                    data[section] = {**data[section], **fields}
+            else:  # a top-level scalar such as ``mode``
+                data[section] = fields
         return type(self).model_validate(data)
 
 

@@ -62,7 +62,10 @@ BUSY_KEYS = {
     "encoder": ("num_queued_items", "num_encoding_items"),
     "prefill": ("num_queued_requests", "num_shipping"),
     "decode": ("num_running", "num_reserved"),
+    "colocated": ("num_queued_requests", "num_running"),
 }
+# load() counters of the KV transport, kept after their worker leaves so cluster totals never drop
+KV_COUNTERS = ("kv_bytes_received", "kv_bytes_sent", "kv_transfers_ok", "kv_transfers_failed")
 
 
 class WorkerState(str, enum.Enum):
@@ -153,14 +156,16 @@ def pick_victims(workers: Sequence[PoolWorker], num: int) -> list[PoolWorker]:
 class Controller:
     def __init__(self, desired_sizes: dict[str, int] | None = None, *,
                  bounds: dict[str, tuple[int, int]] | None = None, autoscaled: Iterable[str] = ()):
-        self.pools: dict[str, dict[str, PoolWorker]] = {name: {} for name in POOL_NAMES}
-        self.desired_sizes: dict[str, int] = dict(desired_sizes or {name: 0 for name in POOL_NAMES})
-        self.bounds: dict[str, tuple[int, int]] = {name: (bounds or {}).get(name, (0, 1024)) for name in POOL_NAMES}
+        names = tuple(desired_sizes) if desired_sizes else POOL_NAMES  # the pools of this deployment's mode
+        self.pools: dict[str, dict[str, PoolWorker]] = {name: {} for name in names}
+        self.desired_sizes: dict[str, int] = dict(desired_sizes or {name: 0 for name in names})
+        self.bounds: dict[str, tuple[int, int]] = {name: (bounds or {}).get(name, (0, 1024)) for name in names}
         self.autoscaled: set[str] = set(autoscaled)  # pools whose size the autoscaler sets
         self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=256)  # scaling events
-        self._counters = {name: 0 for name in POOL_NAMES}
-        self._start_failures = {name: 0 for name in POOL_NAMES}
-        self._retry_at = {name: 0.0 for name in POOL_NAMES}
+        self._counters = {name: 0 for name in names}
+        self._retired_kv: dict[str, dict[str, int]] = {}  # pool -> KV counters of removed workers
+        self._start_failures = {name: 0 for name in names}
+        self._retry_at = {name: 0.0 for name in names}
         self._tasks: set[asyncio.Task] = set()
         self._wake: asyncio.Event | None = None
         self._launcher: WorkerLauncher | None = None
@@ -175,7 +180,7 @@ class Controller:
 
     def add_worker(self, pool: str, worker_id: str, actor) -> PoolWorker:
         if pool not in self.pools:
-            raise ValueError(f"unknown pool {pool!r}; expected one of {POOL_NAMES}")
+            raise ValueError(f"unknown pool {pool!r}; expected one of {tuple(self.pools)}")
         if self.find(worker_id) is not None:
             raise ValueError(f"duplicate worker id {worker_id!r}")
         worker = PoolWorker(worker_id, pool, actor)
@@ -210,6 +215,9 @@ class Controller:
     def remove_worker(self, worker_id: str) -> PoolWorker:
         worker = self.get(worker_id)
         del self.pools[worker.pool][worker_id]
+        retired = self._retired_kv.setdefault(worker.pool, dict.fromkeys(KV_COUNTERS, 0))
+        for key in KV_COUNTERS:
+            retired[key] += int(worker.load.get(key, 0))
         return worker
 
     def find(self, worker_id: str) -> PoolWorker | None:
@@ -226,13 +234,13 @@ class Controller:
 
     def workers(self, pool: str | None = None) -> list[PoolWorker]:
         pools = [pool] if pool else list(self.pools)
-        return [w for p in pools for w in self.pools[p].values()]
+        return [w for p in pools for w in self.pools.get(p, {}).values()]
 
     def ready_workers(self, pool: str) -> list[PoolWorker]:
-        return [w for w in self.pools[pool].values() if w.state == WorkerState.READY]
+        return [w for w in self.pools.get(pool, {}).values() if w.state == WorkerState.READY]  # {}: not this mode
 
     def count(self, pool: str, state: WorkerState) -> int:
-        return sum(1 for w in self.pools[pool].values() if w.state == state)
+        return sum(1 for w in self.pools.get(pool, {}).values() if w.state == state)
 
     # -- desired sizes (set by ScaleCluster and the autoscaler) ------------------------------------
     def check_sizes(self, sizes: dict[str, int]) -> None:
@@ -240,7 +248,7 @@ class Controller:
         problems = []
         for pool, size in sizes.items():
             if pool not in self.pools:
-                problems.append(f"unknown pool {pool!r} (pools: {', '.join(POOL_NAMES)})")
+                problems.append(f"unknown pool {pool!r} (pools: {', '.join(self.pools)})")
                 continue
             low, high = self.bounds[pool]
             if not low <= int(size) <= high:
@@ -301,7 +309,7 @@ class Controller:
         transfer once), falling back to the prefill side's counters."""
         totals = {"bytes": 0, "transfers_completed": 0, "transfers_failed": 0}
         for pool, prefix in (("decode", "kv_bytes_received"), ("prefill", "kv_bytes_sent")):
-            reports = [w.load for w in self.workers(pool)]
+            reports = [w.load for w in self.workers(pool)] + [self._retired_kv.get(pool, {})]
             num_bytes = sum(int(r.get(prefix, 0)) for r in reports)
             if num_bytes or pool == "prefill":
                 totals["bytes"] = num_bytes
@@ -350,7 +358,7 @@ class Controller:
         """One pass: reap the dead, start or drain workers so each pool's live count (STARTING +
         READY) equals its desired size."""
         now = time.monotonic()
-        for pool in POOL_NAMES:
+        for pool in self.pools:
             members = list(self.pools[pool].values())
             for w in members:
                 if w.state == WorkerState.DEAD and not w.is_reaped:

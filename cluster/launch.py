@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.config import POOL_NAMES, ClusterConfig, PoolConfig
+from cluster.config import ClusterConfig, PoolConfig
 from cluster.controller import Controller, PoolWorker, WorkerState
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ WORKER_CLASSES = {
     "encoder": "encoder_pool.worker:EncoderWorker",
     "prefill": "prefill_workers.worker:PrefillWorker",
     "decode": "decode_workers.worker:DecodeWorker",
+    "colocated": "cluster.colocated_worker:ColocatedWorker",
 }
 # Environment forwarded to the workers when this process starts Ray (or joins a cluster).
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TESSERA_TINY_MODEL_DIR", "XDG_CACHE_HOME", "TESSERA_NCCL_LIB")
@@ -121,6 +122,8 @@ class RayWorkerLauncher:
             enc = self.config.pools.encoder
             return {"max_batch_size": enc.max_batch_size, "batch_wait_ms": enc.batch_wait_ms,
                     "cache_max_bytes": int(enc.cache_mb * 2**20)}
+        if pool == "colocated":
+            return {}
         return {"kv_transfer": self.config.kv_transfer}
 
 
@@ -129,7 +132,7 @@ class Cluster:
         self.config = config
         self.address = address
         self.num_cpus = num_cpus
-        pools = config.pools.items()
+        pools = config.active_pools()
         self.controller = Controller({name: pool.num_workers for name, pool in pools},
                                      bounds={name: (pool.min_workers, pool.max_workers) for name, pool in pools},
                                      autoscaled=[name for name, pool in pools if pool.autoscaling.enabled])
@@ -148,7 +151,7 @@ class Cluster:
         self.model_dir = resolve_model_dir(self.config)  # builds the tiny default here, once
         self._owns_ray = init_ray(self.address, self.num_cpus) or self._owns_ray
         try:
-            started = [self._create_worker(name, pool) for name, pool in self.config.pools.items()
+            started = [self._create_worker(name, pool) for name, pool in self.config.active_pools()
                        for _ in range(pool.num_workers)]
             self._wait_ready(started, self.config.startup_timeout_s)
             self._check_pools()
@@ -284,7 +287,7 @@ class Cluster:
                 f"num_cpus/num_gpus/resources, add nodes, or raise startup_timeout_s if loading is slow.")
 
     def _check_pools(self) -> None:
-        for name in POOL_NAMES:
+        for name in self.controller.pools:
             if not self.controller.ready_workers(name):
                 raise LaunchError(f"pool {name!r} has no workers: set pools.{name}.num_workers >= 1")
 

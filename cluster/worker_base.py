@@ -125,6 +125,16 @@ class BaseWorker:
         if float((x * 2).sum()) != 12.0:
             raise RuntimeError(f"worker {self.worker_id}: device {device} computes wrong results")
 
+    async def pin_cpus(self, cores: list[int]) -> list[int]:
+        """Pin every thread of this worker's process (torch's pools included) to ``cores``."""
+        cores_set = set(cores)
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), cores_set)
+            except OSError:  # a thread that just ended
+                pass
+        return sorted(os.sched_getaffinity(0))
+
     async def shutdown(self) -> None:
         """Stop the engine loop and fail/free what is in flight; the actor can then be killed."""
         self._closed = True
@@ -191,8 +201,11 @@ def start_worker(worker_cls: type, pool_config, engine_config, worker_id: str, *
 
     remote_cls = ray.remote(worker_cls)
     kwargs = {"torch_threads": getattr(pool_config, "torch_threads", 1), **worker_kwargs}
-    return remote_cls.options(**actor_options(pool_config, name=name, namespace=namespace)).remote(
+    handle = remote_cls.options(**actor_options(pool_config, name=name, namespace=namespace)).remote(
         engine_config, worker_id, **kwargs)
+    if getattr(pool_config, "cpu_affinity", None):
+        handle.pin_cpus.remote(list(pool_config.cpu_affinity))  # right after the constructor (model load)
+    return handle
 
 
 def make_kv_endpoint(role: str, transport: str, endpoint_id: str, *, timeout_s: float, host: str, device: str):

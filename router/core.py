@@ -162,7 +162,8 @@ class RouterCore:
         self.tokenizer = self.processor.tokenizer
         self.eos_token_ids = tuple(sorted(eos_token_ids(model_dir, self.tokenizer)))
         # The context length the cluster can serve: the smallest KV cache of the LM workers.
-        caches = [w.kv_blocks_total for p in ("prefill", "decode") for w in controller.ready_workers(p)
+        caches = [w.kv_blocks_total for p in ("prefill", "decode", "colocated")
+                  for w in controller.ready_workers(p)
                   if w.kv_blocks_total]
         num_blocks = min(caches) if caches else 1 << 30
         self.max_model_len = resolve_max_model_len(config.engine, self.hf_config.get_text_config(), num_blocks)
@@ -360,6 +361,8 @@ class RouterCore:
             self._spawn(self._cleanup(st, admitted))
 
     async def _run_stages(self, st: _RequestState, t: dict, tokens: list[int], emit) -> tuple[str, str]:
+        if self.config.mode == "colocated":
+            return await self._run_colocated(st, t, tokens, emit)
         prepared = st.prepared
         plan, sampling = prepared.plan, prepared.sampling
         num_prompt = len(plan.prompt_token_ids)
@@ -431,6 +434,45 @@ class RouterCore:
                 t["last"] = time.monotonic()
                 st.decode_done = out.finish_reason is not None and not detok.stopped
                 return finish
+
+    async def _run_colocated(self, st: _RequestState, t: dict, tokens: list[int], emit) -> tuple[str, str]:
+        """Colocated mode: one worker runs encode, prefill and decode; its stream's first chunk is
+        the first token. Cleanup aborts it through ``decode_worker`` like a decode stream."""
+        num_prompt = len(st.prepared.plan.prompt_token_ids)
+        worker = policies.pick_prefill(self._ready("colocated"))
+        self._account(st, worker, "inflight_tokens", num_prompt)
+        self._account(st, worker, "inflight_requests", 1)
+        st.decode_worker = worker
+        t["prefill"] = time.monotonic()
+        st.decode_gen = worker.actor.generate.options(num_returns="streaming").remote(st.prepared)
+        detok = IncrementalDetokenizer(self.tokenizer, st.prepared.sampling.stop)
+        finish: tuple[str, str] | None = None
+        while finish is None:
+            out = await self._next(st.decode_gen, DecodeOutput, "decode", allow_end=True)
+            if out is None:
+                raise WorkerUnavailableError(f"colocated worker {worker.worker_id} ended the stream without a finish")
+            if "first" not in t and out.token_ids:
+                t["first"] = t["decode"] = time.monotonic()
+                t["prefill_s"] = t["first"] - t["prefill"]
+            new_tokens: list[int] = []
+            for tok in out.token_ids:  # one at a time: a stop string cuts the rest off
+                tokens.append(tok)
+                new_tokens.append(tok)
+                detok.push([tok])
+                if detok.stopped:
+                    finish = ("stop", "")
+                    break
+            if finish is None and out.finish_reason is not None:
+                finish = (out.finish_reason, "")
+            text = detok.take(final=finish is not None)
+            if new_tokens or text:
+                emit(TokenEvent(new_tokens, text))
+                if st.num_tokens_sent == 0:
+                    t["ttft"] = time.monotonic()
+                st.num_tokens_sent += len(new_tokens)
+        t["last"] = time.monotonic()
+        st.decode_done = out.finish_reason is not None and not detok.stopped
+        return finish
 
     def _push_token(self, st: _RequestState, detok: IncrementalDetokenizer, tok: int, tokens: list[int], emit,
                     num_prompt: int) -> tuple[str, str] | None:

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.config import POOL_NAMES, RouterConfig
+from cluster.config import RouterConfig
 from cluster.engine.sampling import InvalidRequestError
 from router import openai_protocol as oa
 from router.core import (DeadlineExceededError, FinalEvent, GenerateInput, OverloadedError, RequestStream,
@@ -199,7 +199,7 @@ class OpenAIApp:
     async def health(self, request: Request) -> dict:
         if self.is_stopping:
             raise HTTPError(503, "the server is shutting down", code="unavailable")
-        missing = [pool for pool in POOL_NAMES if not self.core.controller.ready_workers(pool)]
+        missing = [pool for pool in self.core.controller.pools if not self.core.controller.ready_workers(pool)]
         if missing:
             raise HTTPError(503, f"no ready worker in pool(s) {', '.join(missing)}", code="unavailable")
         return {"status": "ok"}

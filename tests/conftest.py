@@ -53,7 +53,7 @@ class ServedCluster:
             engine={"model": str(model_path), **TEST_ENGINE, **overrides.get("engine", {})},
             router={"grpc_port": 0, "http_port": 0, **overrides.get("router", {})},
             kv_transfer=overrides.get("kv_transfer", {}),
-            **{s: overrides[s] for s in ("pools", "controller") if s in overrides})  # test_scaling.py
+            **{s: overrides[s] for s in ("pools", "controller", "mode") if s in overrides})  # test_scaling.py
         self.cluster = Cluster(self.config).start()
         try:
             self.router = BackgroundRouter(self.cluster, serve_http=True).start()
