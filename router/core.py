@@ -412,28 +412,7 @@ class RouterCore:
         st.decode_gen = decode.actor.generate.options(num_returns="streaming").remote(DecodeRequest(
             st.request_id, num_prompt, list(plan.prompt_token_ids), first.token_id, sampling, self.eos_token_ids,
             first.sampler_state))
-        while True:
-            out = await self._next(st.decode_gen, DecodeOutput, "decode", allow_end=True)
-            if out is None:
-                raise WorkerUnavailableError(f"decode worker {decode.worker_id} ended the stream without a finish")
-            new_tokens: list[int] = []
-            for tok in out.token_ids:  # one at a time: a stop string cuts the rest off
-                tokens.append(tok)
-                new_tokens.append(tok)
-                detok.push([tok])
-                if detok.stopped:
-                    finish = ("stop", "")
-                    break
-            if finish is None and out.finish_reason is not None:
-                finish = (out.finish_reason, "")
-            text = detok.take(final=finish is not None)
-            if new_tokens or text:
-                emit(TokenEvent(new_tokens, text))
-                st.num_tokens_sent += len(new_tokens)
-            if finish is not None:
-                t["last"] = time.monotonic()
-                st.decode_done = out.finish_reason is not None and not detok.stopped
-                return finish
+        return await self._stream_tokens(st, t, decode, detok, tokens, emit)
 
     async def _run_colocated(self, st: _RequestState, t: dict, tokens: list[int], emit) -> tuple[str, str]:
         """Colocated mode: one worker runs encode, prefill and decode; its stream's first chunk is
@@ -446,14 +425,20 @@ class RouterCore:
         t["prefill"] = time.monotonic()
         st.decode_gen = worker.actor.generate.options(num_returns="streaming").remote(st.prepared)
         detok = IncrementalDetokenizer(self.tokenizer, st.prepared.sampling.stop)
-        finish: tuple[str, str] | None = None
-        while finish is None:
+        return await self._stream_tokens(st, t, worker, detok, tokens, emit)
+
+    async def _stream_tokens(self, st: _RequestState, t: dict, worker: PoolWorker, detok: IncrementalDetokenizer,
+                             tokens: list[int], emit) -> tuple[str, str]:
+        """Forward ``st.decode_gen``'s chunks (a decode or colocated worker's stream) to the client:
+        detokenize, cut at stop strings, until the worker or a stop string ends the request."""
+        while True:
             out = await self._next(st.decode_gen, DecodeOutput, "decode", allow_end=True)
             if out is None:
-                raise WorkerUnavailableError(f"colocated worker {worker.worker_id} ended the stream without a finish")
-            if "first" not in t and out.token_ids:
+                raise WorkerUnavailableError(f"{worker.pool} worker {worker.worker_id} ended the stream without a finish")
+            if "first" not in t and out.token_ids:  # colocated: its first chunk is the first token
                 t["first"] = t["decode"] = time.monotonic()
                 t["prefill_s"] = t["first"] - t["prefill"]
+            finish: tuple[str, str] | None = None
             new_tokens: list[int] = []
             for tok in out.token_ids:  # one at a time: a stop string cuts the rest off
                 tokens.append(tok)
@@ -470,9 +455,10 @@ class RouterCore:
                 if st.num_tokens_sent == 0:
                     t["ttft"] = time.monotonic()
                 st.num_tokens_sent += len(new_tokens)
-        t["last"] = time.monotonic()
-        st.decode_done = out.finish_reason is not None and not detok.stopped
-        return finish
+            if finish is not None:
+                t["last"] = time.monotonic()
+                st.decode_done = out.finish_reason is not None and not detok.stopped
+                return finish
 
     def _push_token(self, st: _RequestState, detok: IncrementalDetokenizer, tok: int, tokens: list[int], emit,
                     num_prompt: int) -> tuple[str, str] | None:
