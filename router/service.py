@@ -18,6 +18,8 @@ import asyncio
 import atexit
 import signal
 import threading
+
+import grpc.aio
 from collections.abc import Callable
 
 from cluster.launch import Cluster
@@ -85,9 +87,17 @@ def _router_loop() -> asyncio.AbstractEventLoop:
             loop = asyncio.new_event_loop()
             thread = threading.Thread(target=loop.run_forever, name="tessera-router", daemon=True)
             thread.start()
+            # NOTE: grpc.aio refcounts its runtime; when the last server on this loop is gone it shuts
+            # its poller down while the loop still watches its fd ("Bad file descriptor" callback
+            # tracebacks). One reference held for the life of the loop keeps it up between routers.
+            asyncio.run_coroutine_threadsafe(_hold_grpc_aio(), loop).result(30)
             atexit.register(_stop_loop, loop, thread)
             _shared_loop = loop
         return _shared_loop
+
+
+async def _hold_grpc_aio() -> None:
+    grpc.aio.init_grpc_aio()
 
 
 def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
