@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", default="", metavar="HOST:PORT",
                    help="send the request to a running `tessera serve` instead of running it in-process")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="deadline of the request (--server)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="key when the server sets router.api_keys (--server; default: $TESSERA_API_KEY)")
     p.add_argument("--model", default="",
                    help="model folder or hub id (default: the built-in tiny model; with --server: the server's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -65,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="show the pools, their workers' load and the KV-transfer counters")
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="address of `tessera serve`'s gRPC port")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="key when the server sets router.api_keys (default: $TESSERA_API_KEY)")
     p.add_argument("--json", action="store_true", help="print the status as one JSON object")
     p.set_defaults(func=cmd_status)
 
@@ -187,7 +191,7 @@ def _generate_remote(args) -> int:
     def on_chunk(token_ids, text):
         print(text, end="", flush=True)
 
-    with TesseraClient(args.server) as client:
+    with TesseraClient(args.server, api_key=_api_key(args)) as client:
         try:
             result = client.generate(None if messages else args.prompt, media, sampling_params(args),
                                      messages=messages, timeout_s=args.timeout,
@@ -267,7 +271,7 @@ def cmd_status(args) -> int:
 
     from cluster.client import TesseraClient
 
-    with TesseraClient(args.server) as client:
+    with TesseraClient(args.server, api_key=_api_key(args)) as client:
         try:
             status = client.status()
         except grpc.RpcError as exc:
@@ -303,8 +307,8 @@ def cmd_scale(args) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    api_key = args.api_key or os.environ.get("TESSERA_API_KEY") or None
-    with TesseraClient(args.server) as client:
+    api_key = _api_key(args)
+    with TesseraClient(args.server, api_key=_api_key(args)) as client:
         try:
             accepted, message = client.scale(sizes, api_key=api_key)
         except grpc.RpcError as exc:
@@ -364,6 +368,10 @@ def cmd_bench(args) -> int:
     from benchmarks.cli import main as bench_main
 
     return bench_main(args)
+
+
+def _api_key(args) -> str | None:
+    return getattr(args, "api_key", None) or os.environ.get("TESSERA_API_KEY") or None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,9 +110,12 @@ def status_to_dict(status: pb.ClusterStatus) -> dict[str, Any]:
 
 
 class TesseraClient:
-    def __init__(self, address: str, *, max_message_mb: float = 64.0):
+    def __init__(self, address: str, *, api_key: str | None = None, max_message_mb: float = 64.0):
+        """``api_key``: sent as ``authorization: Bearer <key>`` on every call (servers with
+        ``router.api_keys`` refuse calls without one)."""
         max_bytes = int(max_message_mb * 2**20)
         self.address = address
+        self.metadata = _auth_metadata(api_key)
         self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", max_bytes),
                                                                ("grpc.max_receive_message_length", max_bytes)])
         self.stub = tessera_pb2_grpc.TesseraStub(self.channel)
@@ -129,7 +132,7 @@ class TesseraClient:
     # -- Generate ------------------------------------------------------------------------------
     def stream(self, request: pb.GenerateRequest, timeout_s: float | None = None):
         """The raw response stream (an iterator that is also a ``grpc.Call``: ``.cancel()``)."""
-        return self.stub.Generate(request, timeout=timeout_s)
+        return self.stub.Generate(request, timeout=timeout_s, metadata=self.metadata)
 
     def generate(self, prompt: str | None = None, media: Sequence[MediaInput] = (),
                  sampling: SamplingParams | None = None, *, messages: list[dict] | None = None,
@@ -143,14 +146,14 @@ class TesseraClient:
         return collect(self.stream(request, timeout_s), start, on_chunk)
 
     def abort(self, request_id: str) -> bool:
-        return self.stub.Abort(pb.AbortRequest(request_id=request_id)).found
+        return self.stub.Abort(pb.AbortRequest(request_id=request_id), metadata=self.metadata).found
 
     # -- info ------------------------------------------------------------------------------------
     def model_info(self) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest())
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata)
 
     def status_proto(self) -> pb.ClusterStatus:
-        return self.stub.GetClusterStatus(pb.GetClusterStatusRequest())
+        return self.stub.GetClusterStatus(pb.GetClusterStatusRequest(), metadata=self.metadata)
 
     def status(self) -> dict[str, Any]:
         return status_to_dict(self.status_proto())
@@ -161,7 +164,7 @@ class TesseraClient:
         """ScaleCluster: (accepted, message). Returns once the server accepted or rejected the new
         sizes; workers then start or drain (watch ``status()``). Raises ``grpc.RpcError``
         (UNAUTHENTICATED without a valid ``api_key`` when the server has keys)."""
-        metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
+        metadata = _auth_metadata(api_key) if api_key else self.metadata
         resp = self.stub.ScaleCluster(pb.ScaleRequest(desired_sizes=desired_sizes), metadata=metadata,
                                       timeout=timeout_s)
         return resp.accepted, resp.message
@@ -174,6 +177,10 @@ class TesseraClient:
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+
+
+def _auth_metadata(api_key: str | None) -> list[tuple[str, str]] | None:
+    return [("authorization", f"Bearer {api_key}")] if api_key else None
 
 
 def collect(responses: Iterator[pb.GenerateResponse], start: float, on_chunk=None) -> GenerateResult:

@@ -253,8 +253,8 @@ class RouterConfig(_Closed):
     encoder_affinity_max_queue: int = Field(
         8, ge=0, description="encoder media-hash affinity is skipped when the affine worker has more queued items")
     api_keys: tuple[str, ...] = Field(
-        (), description="keys admin calls (ScaleCluster) must present as `authorization: Bearer <key>`; "
-                        "empty: no authentication. Keep the file private")
+        (), description="keys every gRPC method and HTTP route (but health checks) needs as `authorization: "
+                        "Bearer <key>`, compared in constant time; empty: no authentication. Keep the file private")
 
     @field_validator("api_keys")
     @classmethod

@@ -5,8 +5,9 @@ Status codes: ``InvalidRequestError`` -> INVALID_ARGUMENT, ``OverloadedError`` -
 RESOURCE_EXHAUSTED, ``WorkerUnavailableError`` -> UNAVAILABLE, ``DeadlineExceededError`` ->
 DEADLINE_EXCEEDED. After the first token a failure ends the stream with a final message instead
 (``FINISH_REASON_ERROR``). The client's deadline and cancellation reach the core (which lets every
-stage go of the request). Admin calls (ScaleCluster) need ``authorization: Bearer <key>`` metadata
-when ``router.api_keys`` is set (UNAUTHENTICATED otherwise; ``router.auth``).
+stage go of the request). With ``router.api_keys`` set, every Tessera method needs
+``authorization: Bearer <key>`` metadata (UNAUTHENTICATED otherwise; ``ApiKeyInterceptor``);
+health and reflection stay open.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from cluster.config import RouterConfig
 from cluster.controller import ScaleError
 from cluster.engine.sampling import InvalidRequestError, SamplingParams
 from models.processor import MediaInput
-from router.auth import UNAUTHENTICATED_MESSAGE, grpc_metadata_value, is_authorized
+from router.auth import AUTH_HEADER, UNAUTHENTICATED_MESSAGE, is_authorized
 from router.core import (DeadlineExceededError, FinalEvent, GenerateInput, OverloadedError, RouterCore,
                          RouterError, TokenEvent)
 
@@ -163,10 +164,9 @@ def status_to_proto(status: dict[str, Any]) -> pb.ClusterStatus:
 
 # -- the servicer ----------------------------------------------------------------------------
 class TesseraServicer(tessera_pb2_grpc.TesseraServicer):
-    def __init__(self, core: RouterCore, default_max_tokens: int = 256, api_keys: tuple[str, ...] = ()):
+    def __init__(self, core: RouterCore, default_max_tokens: int = 256):
         self.core = core
         self.default_max_tokens = default_max_tokens
-        self.api_keys = api_keys  # admin calls need one of them (empty: no authentication)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
@@ -198,14 +198,54 @@ class TesseraServicer(tessera_pb2_grpc.TesseraServicer):
         return status_to_proto(await self.core.cluster_status())
 
     async def ScaleCluster(self, request: pb.ScaleRequest, context) -> pb.ScaleResponse:
-        """Admin: accepted once the new sizes are set; workers start and drain in the background."""
-        if not is_authorized(grpc_metadata_value(context), self.api_keys):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        """Admin: accepted once the new sizes are set; workers start and drain in the background.
+        (API keys are checked for every method by ``ApiKeyInterceptor``.)"""
         try:
             message = self.core.controller.scale(dict(request.desired_sizes), source="ScaleCluster")
         except ScaleError as exc:
             return pb.ScaleResponse(accepted=False, message=str(exc))
         return pb.ScaleResponse(accepted=True, message=message)
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """With ``router.api_keys`` set, every Tessera method needs ``authorization: Bearer <key>``
+    metadata (UNAUTHENTICATED otherwise). Health and reflection stay open: load balancers and
+    tooling probe them without credentials."""
+
+    OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+    def __init__(self, api_keys: tuple[str, ...]):
+        self.api_keys = api_keys
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not self.api_keys or details.method.startswith(self.OPEN_PREFIXES):
+            return handler
+        presented = next((v for k, v in details.invocation_metadata or () if k.lower() == AUTH_HEADER), None)
+        if is_authorized(presented.decode() if isinstance(presented, bytes) else presented, self.api_keys):
+            return handler
+        return _denying_handler(handler)
+
+
+def _denying_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that fails the call with UNAUTHENTICATED."""
+
+    async def deny(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+    async def deny_stream(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        yield  # unreachable: makes this an async generator, as streaming handlers are
+
+    codec = {"request_deserializer": handler.request_deserializer,
+             "response_serializer": handler.response_serializer}
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(deny_stream, **codec)
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(deny_stream, **codec)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(deny, **codec)
+    return grpc.unary_unary_rpc_method_handler(deny, **codec)
 
 
 def _bind_address(host: str, port: int) -> str:
@@ -220,13 +260,12 @@ class GrpcServer:
         self.core = core
         self.config = config
         max_bytes = int(config.max_message_mb * 2**20)
-        self.server = grpc.aio.server(options=[
+        self.server = grpc.aio.server(interceptors=[ApiKeyInterceptor(tuple(config.api_keys))], options=[
             ("grpc.max_send_message_length", max_bytes),
             ("grpc.max_receive_message_length", max_bytes),
         ])
         tessera_pb2_grpc.add_TesseraServicer_to_server(
-            TesseraServicer(core, min(config.default_max_tokens, core.config.engine.limits.max_tokens),
-                            config.api_keys), self.server)
+            TesseraServicer(core, min(config.default_max_tokens, core.config.engine.limits.max_tokens)), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
@@ -40,6 +40,7 @@ from cluster.engine.sampling import InvalidRequestError
 from router import openai_protocol as oa
 from router.core import (DeadlineExceededError, FinalEvent, GenerateInput, OverloadedError, RequestStream,
                          RouterCore, RouterError, TokenEvent)
+from router.auth import AUTH_HEADER, UNAUTHENTICATED_MESSAGE, is_authorized
 from router.media_urls import MediaResolver
 from router.openai_protocol import HTTPError
 
@@ -64,7 +65,8 @@ def error_of(exc: BaseException) -> HTTPError:
 
 
 def _error_response(err: HTTPError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
 async def _on_http_error(request: Request, exc: HTTPError) -> JSONResponse:
@@ -153,17 +155,23 @@ class OpenAIApp:
         self.media = MediaResolver(config.media_url_allowlist, config.media_url_timeout_s, limits.max_media_bytes)
         self.created = int(time.time())
         self.is_stopping = False
+        self.api_keys = tuple(config.api_keys)
+        keyed = [Depends(self._check_api_key)]  # every route but /health (load balancers probe it)
         app = FastAPI(title="Tessera", docs_url=None, redoc_url=None, openapi_url=None)
-        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
-        app.add_api_route("/v1/completions", self.completions, methods=["POST"])
-        app.add_api_route("/v1/models", self.list_models, methods=["GET"])
-        app.add_api_route("/v1/models/{model_id:path}", self.get_model, methods=["GET"])
+        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"], dependencies=keyed)
+        app.add_api_route("/v1/completions", self.completions, methods=["POST"], dependencies=keyed)
+        app.add_api_route("/v1/models", self.list_models, methods=["GET"], dependencies=keyed)
+        app.add_api_route("/v1/models/{model_id:path}", self.get_model, methods=["GET"], dependencies=keyed)
         app.add_api_route("/health", self.health, methods=["GET"])
-        app.add_api_route("/metrics", self.metrics, methods=["GET"])
+        app.add_api_route("/metrics", self.metrics, methods=["GET"], dependencies=keyed)
         app.add_exception_handler(HTTPError, _on_http_error)
         app.add_exception_handler(StarletteHTTPException, _on_starlette_error)  # unknown route, wrong method
         app.add_exception_handler(Exception, _on_unexpected)
         self.app = _CountResponses(app, core.metrics)
+
+    async def _check_api_key(self, request: Request) -> None:
+        if not is_authorized(request.headers.get(AUTH_HEADER), self.api_keys):
+            raise HTTPError(401, UNAUTHENTICATED_MESSAGE, code="invalid_api_key")
 
     # -- routes -----------------------------------------------------------------------------------
     async def chat_completions(self, request: Request) -> Response:

@@ -30,7 +30,7 @@ MAX_STOP_LIST = 64  # parse-time bound; SamplingParams enforces the real limit (
 class HTTPError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error", 405: "invalid_request_error",
              413: "invalid_request_error", 429: "rate_limit_error", 500: "internal_error",
              503: "service_unavailable", 504: "timeout"}
 

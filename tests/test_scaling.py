@@ -283,7 +283,11 @@ def test_scale_cluster_rejects_bad_sizes_and_checks_api_keys(stack):
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
             for key in keys:
                 assert client.scale({"decode": 1}, api_key=key) == (True, "no change")
-            assert client.status()["pools"]["decode"]["desired_size"] == 1  # reads need no key
+            with pytest.raises(grpc.RpcError) as err:  # reads need a key too
+                client.status()
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with TesseraClient(server.address, api_key=keys[1]) as client:
+            assert client.status()["pools"]["decode"]["desired_size"] == 1
         # the CLI: --api-key, or $TESSERA_API_KEY
         assert main(["scale", "--server", server.address, "decode=1"]) == 1
         assert main(["scale", "--server", server.address, "--api-key", keys[1], "decode=1"]) == 0
