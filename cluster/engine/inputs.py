@@ -47,7 +47,6 @@ class InputPreparer:
         if n + 1 > self.max_model_len:
             raise InvalidRequestError(
                 f"the prompt is {n} tokens after media expansion; the context length is {self.max_model_len}")
-        if n + sampling.max_tokens > self.max_model_len:
-            # As vLLM: the output is cut at the context length rather than rejected.
-            pass
+        # prompt + max_tokens may exceed the context: as in vLLM, the output then stops at the
+        # context length (finish reason "length") rather than the request being rejected.
         return PreparedRequest(request_id, plan, decoded, sampling)
