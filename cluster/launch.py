@@ -58,7 +58,7 @@ def worker_class(pool: str) -> type:
 def resolve_model_dir(config: ClusterConfig) -> Path:
     """The model folder the router reads (tokenizer, processor, config): the engine's model, or
     the built-in tiny one (built and cached on first use)."""
-    from cluster.engine.colocated import resolve_engine_model
+    from cluster.engine.setup import resolve_engine_model
 
     return Path(resolve_engine_model(config.engine))
 

@@ -32,11 +32,9 @@ import torch
 
 from cluster.config import EngineConfig, KVTransferConfig
 from cluster.contracts import DecodeOutput, DecodeRequest, Reservation
-from cluster.engine.block_manager import BlockManager, NoFreeBlocksError
-from cluster.engine.colocated import num_kv_blocks, resolve_engine_model, resolve_max_model_len
-from cluster.engine.model_runner import ModelRunner
+from cluster.engine.block_manager import NoFreeBlocksError
+from cluster.engine.setup import build_lm_engine, resolve_engine_model
 from cluster.engine.request import Request, RequestStatus
-from cluster.engine.scheduler import Scheduler, SchedulerConfig
 from cluster.kv_transfer import KVTicket, KVTransferError
 from cluster.worker_base import BaseWorker, make_kv_endpoint
 from models.loader import load_model
@@ -76,13 +74,9 @@ class DecodeWorker(BaseWorker):
         self.kv_config = kv_transfer or KVTransferConfig()
         model = load_model(resolve_engine_model(engine), dtype=engine.torch_dtype, device=engine.device,
                            parts=("language_model",))
-        lm = model.language_model
-        num_blocks = num_kv_blocks(engine, lm)
-        self.runner = ModelRunner(lm, num_blocks, engine.block_size, engine.torch_dtype, engine.device)
-        self.max_model_len = resolve_max_model_len(engine, model.text_config, num_blocks)
-        self.blocks = BlockManager(num_blocks, engine.block_size)
-        self.scheduler = Scheduler(
-            SchedulerConfig(engine.max_num_seqs, engine.max_num_batched_tokens, self.max_model_len), self.blocks)
+        lm = build_lm_engine(engine, model)
+        self.runner, self.blocks, self.scheduler, self.max_model_len = (
+            lm.runner, lm.blocks, lm.scheduler, lm.max_model_len)
         self.receiver = make_kv_endpoint("receiver", self.kv_config.transport, worker_id,
                                          timeout_s=self.kv_config.timeout_s, host=self.kv_config.interface,
                                          device=engine.device)

@@ -27,7 +27,7 @@ import torch
 
 from cluster.config import EngineConfig
 from cluster.contracts import EncodeItem
-from cluster.engine.colocated import resolve_engine_model
+from cluster.engine.setup import resolve_engine_model
 from cluster.engine.encoder_runner import EncoderRunner
 from cluster.worker_base import BaseWorker
 from encoder_pool.cache import EncoderCache

@@ -152,7 +152,7 @@ class RouterCore:
     def __init__(self, config: ClusterConfig, controller: Controller, model_dir: str):
         from transformers import AutoConfig
 
-        from cluster.engine.colocated import eos_token_ids, resolve_max_model_len
+        from cluster.engine.setup import eos_token_ids, resolve_max_model_len
 
         self.config = config
         self.controller = controller

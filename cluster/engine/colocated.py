@@ -19,19 +19,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
-
 from cluster.config import EngineConfig
-from cluster.engine.block_manager import BlockManager
 from cluster.engine.detokenizer import IncrementalDetokenizer
 from cluster.engine.encoder_runner import EncoderRunner
 from cluster.engine.inputs import InputPreparer, PreparedRequest
-from cluster.engine.model_runner import ModelRunner
 from cluster.engine.request import MediaSlot, Request, RequestStatus
 from cluster.engine.sampling import SamplingParams
-from cluster.engine.scheduler import Scheduler, SchedulerConfig
-from models.paged_attention import KVCacheSpec
-from models.loader import load_model, resolve_model_path
+from cluster.engine.setup import build_lm_engine, eos_token_ids, resolve_engine_model
+from models.loader import load_model
 from models.processor import MediaInput, MultimodalProcessor
 
 
@@ -62,40 +57,6 @@ class Completion:
     e2e_s: float
 
 
-def eos_token_ids(model_dir, tokenizer) -> frozenset[int]:
-    ids: set[int] = set()
-    try:
-        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-        ids.update([eos] if isinstance(eos, int) else (eos or []))
-    except OSError:
-        pass
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
-
-
-def resolve_engine_model(config: EngineConfig):
-    if config.model:
-        return resolve_model_path(config.model)
-    from models.tiny import ensure_tiny_model  # the built-in default, built once and cached
-
-    return ensure_tiny_model()
-
-
-def num_kv_blocks(config: EngineConfig, lm) -> int:
-    spec = KVCacheSpec(lm.num_layers, 1, config.block_size, lm.num_kv_heads, lm.head_dim, config.torch_dtype)
-    return max(2, int(config.kv_cache_memory_gb * 2**30 // spec.bytes_per_block))
-
-
-def resolve_max_model_len(config: EngineConfig, text_config, num_blocks: int) -> int:
-    limit = text_config.max_position_embeddings
-    if config.max_model_len:
-        if config.max_model_len > limit:
-            raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's {limit} positions")
-        limit = config.max_model_len
-    return min(limit, num_blocks * config.block_size)
-
-
 class ColocatedEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -104,13 +65,9 @@ class ColocatedEngine:
         self.processor = MultimodalProcessor(self.model_dir, self.model.config)
         self.tokenizer = self.processor.tokenizer
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
-        lm = self.model.language_model
-        num_blocks = num_kv_blocks(config, lm)
-        self.runner = ModelRunner(lm, num_blocks, config.block_size, config.torch_dtype, config.device)
-        self.max_model_len = resolve_max_model_len(config, self.model.text_config, num_blocks)
-        self.blocks = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.blocks)
+        lm = build_lm_engine(config, self.model)
+        self.runner, self.blocks, self.scheduler, self.max_model_len = (
+            lm.runner, lm.blocks, lm.scheduler, lm.max_model_len)
         self.encoder = EncoderRunner(self.model, self.processor, config.device)
         self.inputs = InputPreparer(self.processor, config.limits.media(), self.max_model_len,
                                     config.limits.max_tokens)
