@@ -85,6 +85,7 @@ import enum
 import importlib
 import threading
 import time
+import contextlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -314,6 +315,20 @@ class TransferLedger:
         self.set_state(transfer_id, KVTransferState.FAILED)
         with self._lock:
             self.num_failed += 1
+
+    @contextlib.contextmanager
+    def tracking(self, transfer_id: str):
+        """TRANSFERRING for the block's duration; any failure inside is recorded as FAILED and
+        raised as a ``KVTransferError``. The caller records success (``succeeded``) after it."""
+        self.set_state(transfer_id, KVTransferState.TRANSFERRING)
+        try:
+            yield
+        except KVTransferError:
+            self.failed(transfer_id)
+            raise
+        except Exception as e:
+            self.failed(transfer_id)
+            raise KVTransferError(f"{type(e).__name__}: {e}", transfer_id=transfer_id) from e
 
     def pair_built(self) -> None:
         with self._lock:

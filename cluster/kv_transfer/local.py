@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Deadline, KVReceiver, KVSender, KVSendResult, KVTicket, KVTransferError, KVTransferState
+from .base import Deadline, KVReceiver, KVSender, KVSendResult, KVTicket, KVTransferError
 from .layout import block_index, scatter_kv_layer, validated_layers
 
 
@@ -35,17 +35,11 @@ class LocalKVSender(KVSender):
     def send(self, peer_id, meta, layers, timeout_s=None) -> KVSendResult:  # noqa: D102 (see KVSender)
         tid = meta.transfer_id
         deadline = Deadline(self.timeout_s if timeout_s is None else timeout_s, tid)
-        self.ledger.set_state(tid, KVTransferState.TRANSFERRING)
-        try:
-            copies = []
+        copies = []
+        with self.ledger.tracking(tid):
             for layer_idx, layer in validated_layers(meta, layers):
                 deadline.remaining(f"copying layer {layer_idx}")
                 copies.append(layer.detach().to("cpu", copy=True))
-        except Exception as e:
-            self.ledger.failed(tid)
-            if isinstance(e, KVTransferError):
-                raise
-            raise KVTransferError(f"{type(e).__name__}: {e}", transfer_id=tid) from e
         self.ledger.succeeded(tid, meta.num_bytes)
         return KVSendResult(meta.num_bytes, KVTicket(self.transport, self.sender_id, peer_id, meta, tuple(copies)))
 
@@ -61,8 +55,7 @@ class LocalKVReceiver(KVReceiver):
 
     def recv(self, ticket, kv, dst_block_ids, timeout_s=None) -> int:  # noqa: D102 (see KVReceiver)
         tid = ticket.meta.transfer_id
-        self.ledger.set_state(tid, KVTransferState.TRANSFERRING)
-        try:
+        with self.ledger.tracking(tid):
             meta = self._check_ticket(ticket, kv, dst_block_ids)
             if len(ticket.payload) != meta.num_layers:
                 raise KVTransferError(
@@ -71,8 +64,5 @@ class LocalKVReceiver(KVReceiver):
             index = block_index(meta.dst_block_ids, kv.device)
             for layer_idx, layer in enumerate(ticket.payload):
                 scatter_kv_layer(kv, layer_idx, index, layer)
-        except KVTransferError:
-            self.ledger.failed(tid)
-            raise
         self.ledger.succeeded(tid, meta.num_bytes)
         return meta.num_bytes

@@ -25,7 +25,6 @@ from .base import (
     KVTicket,
     KVTransferError,
     KVTransferMeta,
-    KVTransferState,
     KVTransferTimeout,
 )
 from .layout import block_index, scatter_kv_layer, validated_layers
@@ -72,20 +71,14 @@ class RayKVSender(KVSender):
     def send(self, peer_id, meta, layers, timeout_s=None) -> KVSendResult:  # noqa: D102 (see KVSender)
         tid = meta.transfer_id
         deadline = Deadline(self.timeout_s if timeout_s is None else timeout_s, tid)
-        self.ledger.set_state(tid, KVTransferState.TRANSFERRING)
         refs = []
         num_bytes = 0
-        try:
+        with self.ledger.tracking(tid):
             for layer_idx, layer in validated_layers(meta, layers):
                 deadline.remaining(f"storing layer {layer_idx}")
                 array = layer_to_numpy(layer)
                 refs.append(ray.put(array))
                 num_bytes += array.nbytes
-        except Exception as e:
-            self.ledger.failed(tid)
-            if isinstance(e, KVTransferError):
-                raise
-            raise KVTransferError(f"{type(e).__name__}: {e}", transfer_id=tid) from e
         self.ledger.succeeded(tid, num_bytes)
         ticket = KVTicket(self.transport, self.sender_id, peer_id, meta, payload=tuple(refs))
         return KVSendResult(num_bytes, ticket)
@@ -103,8 +96,7 @@ class RayKVReceiver(KVReceiver):
     def recv(self, ticket, kv, dst_block_ids, timeout_s=None) -> int:  # noqa: D102 (see KVReceiver)
         tid = ticket.meta.transfer_id
         deadline = Deadline(self.timeout_s if timeout_s is None else timeout_s, tid)
-        self.ledger.set_state(tid, KVTransferState.TRANSFERRING)
-        try:
+        with self.ledger.tracking(tid):
             meta = self._check_ticket(ticket, kv, dst_block_ids)
             if len(ticket.payload) != meta.num_layers:
                 raise KVTransferError(
@@ -121,10 +113,5 @@ class RayKVReceiver(KVReceiver):
                     raise KVTransferError(message, transfer_id=tid) from e
                 scatter_kv_layer(kv, layer_idx, index, layer_from_numpy(array, meta))
                 del array
-        except Exception as e:
-            self.ledger.failed(tid)
-            if isinstance(e, KVTransferError):
-                raise
-            raise KVTransferError(f"{type(e).__name__}: {e}", transfer_id=tid) from e
         self.ledger.succeeded(tid, meta.num_bytes)
         return meta.num_bytes

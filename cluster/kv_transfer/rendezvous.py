@@ -216,15 +216,39 @@ def as_transfer_error(e: Exception, transfer_id: str) -> KVTransferError:
     return KVTransferError(text, transfer_id=transfer_id)
 
 
-class RendezvousKVSender(KVSender):
+class _PairTable:
+    """The pairs one endpoint holds (peer id -> Pair), shared by the sender and receiver sides."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pairs: dict[str, Pair] = {}
+        self._pairs_lock = threading.Lock()
+
+    def num_pairs(self) -> int:
+        with self._pairs_lock:
+            return sum(1 for p in self._pairs.values() if p.comm is not None and p.comm.alive)
+
+    def abort(self, peer_id: str | None = None) -> None:
+        with self._pairs_lock:
+            pairs = list(self._pairs.values()) if peer_id is None else [self._pairs.get(peer_id)]
+        for pair in pairs:
+            if pair is not None:
+                pair.drop_comm()
+
+    def forget(self, peer_id: str) -> None:
+        with self._pairs_lock:
+            pair = self._pairs.pop(peer_id, None)
+        if pair is not None:
+            pair.drop_comm()
+
+
+class RendezvousKVSender(_PairTable, KVSender):
     """Sender side of the protocol in base.py; subclasses supply the communicator."""
 
     recv_during_send = True
 
     def __init__(self, sender_id: str, *, timeout_s: float = 30.0):
         super().__init__(sender_id, timeout_s=timeout_s)
-        self._pairs: dict[str, Pair] = {}
-        self._pairs_lock = threading.Lock()
 
     # -- what a transport supplies ---------------------------------------------------------
     def _prepare_comm(self, client: RendezvousClient, epoch: int) -> Any:
@@ -254,23 +278,6 @@ class RendezvousKVSender(KVSender):
     def is_connected(self, peer_id: str) -> bool:
         with self._pairs_lock:
             return peer_id in self._pairs
-
-    def num_pairs(self) -> int:
-        with self._pairs_lock:
-            return sum(1 for p in self._pairs.values() if p.comm is not None and p.comm.alive)
-
-    def abort(self, peer_id: str | None = None) -> None:
-        with self._pairs_lock:
-            pairs = list(self._pairs.values()) if peer_id is None else [self._pairs.get(peer_id)]
-        for pair in pairs:
-            if pair is not None:
-                pair.drop_comm()
-
-    def forget(self, peer_id: str) -> None:
-        with self._pairs_lock:
-            pair = self._pairs.pop(peer_id, None)
-        if pair is not None:
-            pair.drop_comm()
 
     def send(self, peer_id, meta, layers, timeout_s=None) -> KVSendResult:  # noqa: D102 (see KVSender)
         tid = meta.transfer_id
@@ -329,15 +336,13 @@ class RendezvousKVSender(KVSender):
             raise
 
 
-class RendezvousKVReceiver(KVReceiver):
+class RendezvousKVReceiver(_PairTable, KVReceiver):
     """Receiver side of the protocol in base.py; subclasses supply the communicator."""
 
     def __init__(self, receiver_id: str, *, host: str = "127.0.0.1", timeout_s: float = 30.0):
         super().__init__(receiver_id, timeout_s=timeout_s)
         self.host = host  # interface the store (and gloo) listen on; senders must reach it
         self._rendezvous = RendezvousHost(host)
-        self._pairs: dict[str, Pair] = {}
-        self._pairs_lock = threading.Lock()
 
     # -- what a transport supplies ---------------------------------------------------------
     @abstractmethod
@@ -351,23 +356,6 @@ class RendezvousKVReceiver(KVReceiver):
     # -- the protocol ----------------------------------------------------------------------
     def endpoint_info(self) -> dict[str, Any]:
         return self._rendezvous.info(self.transport, self.receiver_id)
-
-    def num_pairs(self) -> int:
-        with self._pairs_lock:
-            return sum(1 for p in self._pairs.values() if p.comm is not None and p.comm.alive)
-
-    def abort(self, peer_id: str | None = None) -> None:
-        with self._pairs_lock:
-            pairs = list(self._pairs.values()) if peer_id is None else [self._pairs.get(peer_id)]
-        for pair in pairs:
-            if pair is not None:
-                pair.drop_comm()
-
-    def forget(self, peer_id: str) -> None:
-        with self._pairs_lock:
-            pair = self._pairs.pop(peer_id, None)
-        if pair is not None:
-            pair.drop_comm()
 
     def _pair(self, sender_id: str) -> Pair:
         with self._pairs_lock:
