@@ -31,7 +31,7 @@ class ColocatedWorker(BaseWorker):
     def __init__(self, engine: EngineConfig, worker_id: str, *, torch_threads: int = 1):
         super().__init__(worker_id, torch_threads)
         self.config = engine
-        self.engine = ColocatedEngine(engine)
+        self.engine = ColocatedEngine(engine, self.faults)
         self._pending: list[PreparedRequest] = []
         self._aborts: set[str] = set()
         self._queues: dict[str, asyncio.Queue] = {}
@@ -75,6 +75,10 @@ class ColocatedWorker(BaseWorker):
                 await self._wait_for_work()
                 continue
             outputs = await self.run_blocking(self.engine.step)
+            if self.engine.last_step_error is not None:  # its requests got "error" outputs below
+                self._step_failed(self.engine.last_step_error, sum(o.finish_reason == "error" for o in outputs))
+            else:
+                self._step_ok()
             for out in outputs:
                 queue = self._queues.get(out.request_id)
                 if queue is None:

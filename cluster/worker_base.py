@@ -7,8 +7,14 @@ first call. Blocking work (a model forward, a KV send/receive) runs in a worker 
 
 What lives here: thread setup (torch intra-op threads, 1 by default: the CPU machines this runs on
 in tests have 2 cores and oversubscription makes a tiny model ~30x slower), ``ready()`` /
-``load()`` / ``health_probe()`` / ``shutdown()``, the background-loop lifecycle, and the Ray actor options a
-``PoolConfig`` turns into (``actor_options`` / ``start_worker``).
+``load()`` / ``health_probe()`` / ``shutdown()``, the background-loop lifecycle, failed steps, fault
+injection (``cluster.faults``), and the Ray actor options a ``PoolConfig`` turns into
+(``actor_options`` / ``start_worker``).
+
+A model step that raises (a bug, a bad input that slipped through, a device error) fails only the
+requests in that step; the worker goes on with the next one. ``MAX_CONSECUTIVE_STEP_FAILURES``
+failed steps in a row mean the worker itself is broken (a sticky device error): it then reports
+unhealthy and the controller's health checks replace it.
 """
 
 from __future__ import annotations
@@ -22,9 +28,12 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from cluster.contracts import WorkerInfo
+from cluster.faults import FaultInjector
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 def set_torch_threads(num_threads: int) -> None:
@@ -48,6 +57,9 @@ class BaseWorker:
         self._loop_task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._closed = False
+        self.faults = FaultInjector(worker_id)
+        self._num_step_failures = 0
+        self._num_failed_in_a_row = 0
 
     # -- the background loop ---------------------------------------------------------------
     def _ensure_loop(self) -> None:
@@ -87,6 +99,27 @@ class BaseWorker:
     def _on_loop_crash(self) -> None:
         """Fail every waiter (subclasses); the worker is unusable afterwards."""
 
+    def _step_failed(self, exc: BaseException, num_requests: int) -> None:
+        """Book a failed model step (its requests were failed by the caller)."""
+        self._num_step_failures += 1
+        self._num_failed_in_a_row += 1
+        logger.error("%s: a model step failed (%d requests failed, %d failures in a row): %s: %s", self.worker_id,
+                     num_requests, self._num_failed_in_a_row, type(exc).__name__, exc)
+
+    def _step_ok(self) -> None:
+        self._num_failed_in_a_row = 0
+
+    @property
+    def is_broken(self) -> bool:
+        """The engine loop died, or model steps keep failing: only a replacement helps."""
+        crashed = self._loop_task is not None and self._loop_task.done()
+        return crashed or self._num_failed_in_a_row >= MAX_CONSECUTIVE_STEP_FAILURES
+
+    async def inject_fault(self, point: str, action: str = "raise", count: int = 1, seconds: float = 0.0,
+                           skip: int = 0) -> None:
+        """Arm a fault point (``cluster.faults``); refused unless fault injection is enabled."""
+        self.faults.arm(point, action, count=count, seconds=seconds, skip=skip)
+
     async def run_blocking(self, fn: Callable[..., T], *args: Any, executor: ThreadPoolExecutor | None = None) -> T:
         """Run ``fn(*args)`` in a thread (the model thread by default) without blocking the loop."""
         return await asyncio.get_running_loop().run_in_executor(executor or self._model_executor, fn, *args)
@@ -99,9 +132,8 @@ class BaseWorker:
 
     async def load(self) -> dict[str, Any]:
         """Counters for routing and cluster status; ``healthy`` is False once the loop died."""
-        crashed = self._loop_task is not None and self._loop_task.done()
-        return {"worker_id": self.worker_id, "pool": self.pool, "healthy": not (crashed or self._closed),
-                **self._load()}
+        return {"worker_id": self.worker_id, "pool": self.pool, "healthy": not (self.is_broken or self._closed),
+                "num_step_failures": self._num_step_failures, **self._load()}
 
     def _load(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -113,8 +145,9 @@ class BaseWorker:
         otherwise (``cluster.health`` counts the failures)."""
         if self._closed:
             raise RuntimeError(f"worker {self.worker_id} is shut down")
-        if self._loop_task is not None and self._loop_task.done():
-            raise RuntimeError(f"worker {self.worker_id}: engine loop stopped")
+        if self.is_broken:
+            raise RuntimeError(f"worker {self.worker_id}: engine loop stopped or {self._num_failed_in_a_row} model "
+                               f"steps in a row failed")
         await asyncio.wait_for(self.run_blocking(self._probe_device), timeout_s)
         return await self.load()
 

@@ -134,8 +134,7 @@ class DecodeWorker(BaseWorker):
                                   transfer_id=ticket.meta.transfer_id)
         slot.state, slot.is_receiving = SlotState.EXPECTING, True
         dst = slot.block_ids[:ticket.meta.num_blocks]
-        recv = asyncio.get_running_loop().run_in_executor(
-            self._recv_executor, self.receiver.recv, ticket, self.runner.kv_cache, dst)
+        recv = asyncio.get_running_loop().run_in_executor(self._recv_executor, self._recv, ticket, dst)
         try:
             num_bytes = await asyncio.shield(recv)
         except asyncio.CancelledError:  # NOTE: the thread still writes into the blocks: free them after it
@@ -153,6 +152,11 @@ class DecodeWorker(BaseWorker):
             slot.state = SlotState.LANDED
             slot.landed.set()
         return num_bytes
+
+    def _recv(self, ticket: KVTicket, dst: list[int]) -> int:
+        """Receive thread: the transfer's payload into blocks ``dst``."""
+        self.faults.hit("kv_receive")
+        return self.receiver.recv(ticket, self.runner.kv_cache, dst)
 
     # -- decoding --------------------------------------------------------------------------
     async def generate(self, request: DecodeRequest):
@@ -216,8 +220,26 @@ class DecodeWorker(BaseWorker):
                 continue
             if self.scheduler.waiting:  # reservations cover max_tokens: this is a bug
                 raise RuntimeError("decode scheduler preempted a request")
-            tokens = await self.run_blocking(self.runner.execute, batch)  # execute
+            try:
+                tokens = await self.run_blocking(self._execute, batch)  # execute
+            except Exception as exc:  # noqa: BLE001 — fail this step's requests, keep serving
+                self._fail_batch(batch, exc)
+                continue
+            self._step_ok()
             self._postprocess(batch, tokens)  # post-process + send
+
+    def _execute(self, batch) -> list[int | None]:
+        self.faults.hit("forward")
+        return self.runner.execute(batch)
+
+    def _fail_batch(self, batch, exc: BaseException) -> None:
+        """A step raised: its requests end with "error" (blocks freed); the others go on."""
+        for req in batch.requests:
+            slot = self._slots.pop(req.request_id, None)
+            self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)  # frees the blocks
+            if slot is not None and slot.queue is not None:
+                slot.queue.put_nowait(([], RequestStatus.FINISHED_ERROR.value))
+        self._step_failed(exc, len(batch.requests))
 
     def _postprocess(self, batch, tokens: list[int | None]) -> None:
         for req, num_new, token in zip(batch.requests, batch.num_new_tokens, tokens):

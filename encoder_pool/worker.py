@@ -105,6 +105,9 @@ class EncoderWorker(BaseWorker):
                 results = await self.run_blocking(self._encode_items, [p.item for p in batch])
             except Exception as exc:  # noqa: BLE001 — the tower failed: fail the whole batch
                 results = [exc] * len(batch)
+                self._step_failed(exc, len(batch))
+            else:
+                self._step_ok()
             self._encode_s += time.perf_counter() - start
             self._num_encoding = 0
             self._num_batches += 1
@@ -128,6 +131,7 @@ class EncoderWorker(BaseWorker):
 
     def _encode_items(self, items: list[EncodeItem]) -> list[torch.Tensor | Exception]:
         """Model thread: decode each item (a bad one fails alone), encode the rest in one forward."""
+        self.faults.hit("encode")
         results: list[torch.Tensor | Exception | None] = [None] * len(items)
         decoded, slots = [], []
         for i, item in enumerate(items):

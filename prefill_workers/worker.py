@@ -109,8 +109,28 @@ class PrefillWorker(BaseWorker):
             if batch is None:
                 await self._wait_for_work()
                 continue
-            tokens = await self.run_blocking(self.runner.execute, batch)  # execute
+            try:
+                tokens = await self.run_blocking(self._execute, batch)  # execute
+            except Exception as exc:  # noqa: BLE001 — fail this step's requests, keep serving
+                self._fail_batch(batch, exc)
+                continue
+            self._step_ok()
             self._postprocess(batch, tokens)  # post-process + send (wake the generators)
+
+    def _execute(self, batch) -> list[int | None]:
+        self.faults.hit("forward")
+        return self.runner.execute(batch)
+
+    def _fail_batch(self, batch, exc: BaseException) -> None:
+        """A step raised: its requests fail (blocks freed); queued ones and later steps go on."""
+        for req in batch.requests:
+            self._requests.pop(req.request_id, None)
+            self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)  # frees its blocks
+            future = self._first_token.pop(req.request_id, None)
+            if future is not None and not future.done():
+                future.set_exception(RuntimeError(f"prefill step failed on {self.worker_id}: "
+                                                  f"{type(exc).__name__}: {exc}"))
+        self._step_failed(exc, len(batch.requests))
 
     def _postprocess(self, batch, tokens: list[int | None]) -> None:
         for req, num_new, token in zip(batch.requests, batch.num_new_tokens, tokens):
@@ -156,7 +176,7 @@ class PrefillWorker(BaseWorker):
                 transfer_id=f"{req.request_id}/{self.worker_id}/{next(self._transfer_ids)}",
                 src_block_ids=block_ids, dst_block_ids=reservation.block_ids[:len(block_ids)],
                 num_tokens=req.num_prompt_tokens)
-            layers = iter_kv_layers(self.runner.kv_cache, block_ids)
+            layers = self._faulty(iter_kv_layers(self.runner.kv_cache, block_ids))
             _, received = await self.run_blocking(
                 run_kv_transfer, self.sender, peer_id, meta, layers,
                 lambda ticket: decode.kv_receive.remote(req.request_id, ticket),
@@ -171,6 +191,12 @@ class PrefillWorker(BaseWorker):
         finally:
             self.blocks.free(block_ids)
             self._num_shipping -= 1
+
+    def _faulty(self, layers):
+        """The layers to send, with the ``kv_send`` fault point before each one."""
+        for layer in layers:
+            self.faults.hit("kv_send")
+            yield layer
 
     async def kv_forget_peer(self, peer_id: str) -> None:
         """Decode worker ``peer_id`` left the pool: drop the pair with it (communicator, store

@@ -8,6 +8,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TESSERA_FAULT_INJECTION", "1")  # lets tests arm cluster.faults in the workers (Ray
+# workers inherit it); the engine fixtures of other tests never arm anything
 
 ARCHS = ("llava-clip-llama", "llava-siglip-qwen2", "qwen2-audio")
 

@@ -8,7 +8,9 @@ deployments. One step::
     tokens = runner.execute(batch)        # one LM forward, sampling where a sequence is complete
     outputs = postprocess(batch, tokens)  # append, detokenize, stop checks, free finished
 
-New requests join the running batch between steps; nothing waits for the batch to drain.
+New requests join the running batch between steps; nothing waits for the batch to drain. A step
+whose encode or forward raises ends only the requests it held, with finish reason "error"
+(``last_step_error`` says why); the engine goes on with the next step.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from cluster.engine.inputs import InputPreparer, PreparedRequest
 from cluster.engine.request import MediaSlot, Request, RequestStatus
 from cluster.engine.sampling import SamplingParams
 from cluster.engine.setup import build_lm_engine, eos_token_ids, resolve_engine_model
+from cluster.faults import FaultInjector
 from models.loader import load_model
 from models.processor import MediaInput, MultimodalProcessor
 
@@ -58,8 +61,10 @@ class Completion:
 
 
 class ColocatedEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, faults: FaultInjector | None = None):
         self.config = config
+        self.faults = faults or FaultInjector("colocated-engine")
+        self.last_step_error: BaseException | None = None  # why the last step failed; None if it did not
         self.model_dir = resolve_engine_model(config)
         self.model = load_model(self.model_dir, dtype=config.torch_dtype, device=config.device)
         self.processor = MultimodalProcessor(self.model_dir, self.model.config)
@@ -109,15 +114,40 @@ class ColocatedEngine:
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        self._encode_pending()
+        self.last_step_error = None
+        failed = self._encode_pending()
         batch = self.scheduler.schedule()
         if batch is None:
-            return []
-        tokens = self.runner.execute(batch)
-        return self._postprocess(batch.requests, batch.num_new_tokens, tokens)
+            return failed
+        try:
+            self.faults.hit("forward")
+            tokens = self.runner.execute(batch)
+        except Exception as exc:  # noqa: BLE001 — end this step's requests, keep the engine going
+            self.last_step_error = exc
+            return failed + [self._fail(req) for req in batch.requests]
+        return failed + self._postprocess(batch.requests, batch.num_new_tokens, tokens)
 
-    def _encode_pending(self) -> None:
+    def _fail(self, req: Request) -> RequestOutput:
+        if req.request_id in self._requests:  # (not yet admitted requests are only in the scheduler)
+            del self._requests[req.request_id], self._detok[req.request_id]
+        self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)  # frees its blocks
+        return RequestOutput(req.request_id, [], "", True, RequestStatus.FINISHED_ERROR.value, req.num_prompt_tokens,
+                             len(req.output_token_ids))
+
+    def _encode_pending(self) -> list[RequestOutput]:
+        """Encode the new requests' media and queue them; the error outputs if the tower failed."""
         pending, self._to_encode = self._to_encode, []
+        try:
+            self._queue_encoded(pending)
+        except Exception as exc:  # noqa: BLE001 — the tower failed: these requests end, nothing else
+            self.last_step_error = exc
+            return [RequestOutput(p.request_id, [], "", True, RequestStatus.FINISHED_ERROR.value,
+                                  len(p.plan.prompt_token_ids)) for p in pending]
+        return []
+
+    def _queue_encoded(self, pending: list[PreparedRequest]) -> None:
+        if any(p.media for p in pending):
+            self.faults.hit("encode")
         embeddings: dict[tuple[str, int], torch.Tensor] = {}
         for modality in ("image", "audio"):
             keys = [(p.request_id, i) for p in pending for i, m in enumerate(p.media) if m.modality == modality]
