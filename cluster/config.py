@@ -250,6 +250,16 @@ class RouterConfig(_Closed):
         256, ge=1, description="max_tokens of a request that sets none (capped by engine.limits.max_tokens)")
     request_timeout_s: float = Field(
         600.0, gt=0, description="server-side deadline of a request when the client sets none, seconds")
+    max_encoder_retries: int = Field(
+        1, ge=0, le=10, description="times a request's media is encoded again (on another encoder when there is "
+                                    "one) after an encoder worker failed it; then UNAVAILABLE")
+    max_prefill_retries: int = Field(
+        1, ge=0, le=10, description="times a prompt is prefilled again, on another prefill worker, after one "
+                                    "failed before the first token; then UNAVAILABLE")
+    max_decode_migrations: int = Field(
+        1, ge=0, le=10, description="times a request whose decode worker (or KV transfer) failed after tokens "
+                                    "were streamed moves to another decode worker, re-prefilling prompt + tokens "
+                                    "so far (greedy output continues exactly); 0: it fails with UNAVAILABLE")
     encoder_affinity_max_queue: int = Field(
         8, ge=0, description="encoder media-hash affinity is skipped when the affine worker has more queued items")
     api_keys: tuple[str, ...] = Field(

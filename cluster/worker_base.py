@@ -120,6 +120,9 @@ class BaseWorker:
         """Arm a fault point (``cluster.faults``); refused unless fault injection is enabled."""
         self.faults.arm(point, action, count=count, seconds=seconds, skip=skip)
 
+    async def clear_faults(self) -> None:
+        self.faults.disarm()
+
     async def run_blocking(self, fn: Callable[..., T], *args: Any, executor: ThreadPoolExecutor | None = None) -> T:
         """Run ``fn(*args)`` in a thread (the model thread by default) without blocking the loop."""
         return await asyncio.get_running_loop().run_in_executor(executor or self._model_executor, fn, *args)

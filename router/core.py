@@ -32,12 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -50,7 +49,7 @@ from cluster.autoscaler import LatencyWindow
 from cluster.controller import Controller, PoolWorker
 from cluster.engine.block_manager import NoFreeBlocksError
 from cluster.engine.detokenizer import IncrementalDetokenizer
-from cluster.engine.inputs import InputPreparer, PreparedRequest
+from cluster.engine.inputs import InputPreparer
 from cluster.engine.sampling import InvalidRequestError, SamplingParams
 from models.processor import MediaInput, MultimodalProcessor
 from router import policies
@@ -58,93 +57,13 @@ from router.admission import Admission
 from router.events import (DeadlineExceededError, Event, FinalEvent, GenerateInput, OverloadedError, RouterError,
                            StageTimings, TokenEvent, Usage, WorkerUnavailableError)
 from router.metrics import RouterMetrics
+from router.request_stream import END, Failure, RequestState, RequestStream
 
 __all__ = ["Admission", "DeadlineExceededError", "Event", "FinalEvent", "GenerateInput", "OverloadedError",
            "RequestStream", "RouterCore", "RouterError", "StageTimings", "TokenEvent", "Usage",
            "WorkerUnavailableError"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Failure:
-    error: BaseException
-
-
-_END = object()
-
-
-# -- per-request state -------------------------------------------------------------------------
-@dataclass
-class _RequestState:
-    request_id: str
-    prepared: PreparedRequest
-    media: list[MediaInput]
-    deadline: float  # time.monotonic()
-    arrival: float  # time.monotonic() when submit() was called
-    prepared_at: float  # ... and when preparation ended (admission queueing starts)
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    driver: asyncio.Task | None = None
-    stop_reason: str = ""  # "abort" | "deadline" | "cancelled", set before cancelling the driver
-    num_tokens_sent: int = 0
-    finished: bool = False
-    # what to let go of
-    encode_ref: Any = None
-    prefill_gen: Any = None
-    prefill_drained: bool = False
-    reservation: Reservation | None = None
-    pending_reserve: tuple[PoolWorker, Any] | None = None  # (decode worker, reserve() ref) in flight
-    decode_worker: PoolWorker | None = None
-    decode_gen: Any = None
-    decode_done: bool = False
-    accounted: list[tuple[PoolWorker, str, int]] = field(default_factory=list)  # (worker, attr, amount)
-
-
-class RequestStream:
-    """Async iterator over one request's events: ``TokenEvent``\\* then one ``FinalEvent``.
-    Raises a ``RouterError`` instead if the request fails before its first token, and
-    ``DeadlineExceededError`` whenever its deadline passes (after tokens too, as a gRPC deadline
-    does). Closing it early (``aclose``; a cancelled consumer) cancels the request."""
-
-    def __init__(self, core: "RouterCore", state: _RequestState):
-        self._core = core
-        self._state = state
-        self.request_id = state.request_id
-        self.prompt_tokens = len(state.prepared.plan.prompt_token_ids)
-
-    def __aiter__(self) -> AsyncIterator[Event]:
-        return self._events()
-
-    async def _events(self) -> AsyncIterator[Event]:
-        st = self._state
-        try:
-            while True:
-                if st.stop_reason:
-                    item = await st.queue.get()  # stopping: the driver reports how it ended
-                else:
-                    try:
-                        async with asyncio.timeout_at(_loop_time(st.deadline)):
-                            item = await st.queue.get()
-                    except TimeoutError:
-                        self._core._stop(st, "deadline")
-                        continue
-                if item is _END:
-                    return
-                if isinstance(item, _Failure):
-                    raise item.error
-                yield item
-        finally:
-            if not st.finished:
-                self._core._stop(st, "cancelled")
-
-    async def aclose(self) -> None:
-        if not self._state.finished:
-            self._core._stop(self._state, "cancelled")
-
-
-def _loop_time(monotonic_deadline: float) -> float:
-    loop = asyncio.get_running_loop()
-    return loop.time() + (monotonic_deadline - time.monotonic())
 
 
 # -- the core ----------------------------------------------------------------------------------
@@ -172,7 +91,7 @@ class RouterCore:
         self.admission = Admission(config.router.max_inflight_requests, config.router.max_queued_requests)
         self.metrics = RouterMetrics(controller, self.admission)  # every request's outcome and timings
         self.latency = LatencyWindow()  # recent TTFT / TPOT, read by the autoscaler
-        self._requests: dict[str, _RequestState] = {}
+        self._requests: dict[str, RequestState] = {}
         self._closing: set[str] = set()  # ids whose stages are still letting go (cleanup running)
         self._background: set[asyncio.Task] = set()
         self._blocks_freed = asyncio.Event()
@@ -194,7 +113,7 @@ class RouterCore:
         timeout = self.config.router.request_timeout_s
         if inp.timeout_s is not None:
             timeout = min(timeout, max(inp.timeout_s, 0.0))
-        st = _RequestState(request_id, prepared, media, arrival + timeout, arrival, time.monotonic())
+        st = RequestState(request_id, prepared, media, arrival + timeout, arrival, time.monotonic())
         self._requests[request_id] = st
         st.driver = asyncio.create_task(self._drive(st), name=f"request-{request_id}")
         return RequestStream(self, st)
@@ -302,7 +221,7 @@ class RouterCore:
         return prompt, [inp.media[i] for i in used]
 
     # -- stopping ----------------------------------------------------------------------------
-    def _stop(self, st: _RequestState, reason: str) -> None:
+    def _stop(self, st: RequestState, reason: str) -> None:
         if st.finished or st.stop_reason:
             return
         st.stop_reason = reason
@@ -310,7 +229,7 @@ class RouterCore:
             st.driver.cancel()
 
     # -- the driver --------------------------------------------------------------------------
-    async def _drive(self, st: _RequestState) -> None:
+    async def _drive(self, st: RequestState) -> None:
         emit = st.queue.put_nowait
         admitted = False
         tokens: list[int] = []
@@ -321,7 +240,7 @@ class RouterCore:
         def fail(exc: BaseException) -> None:
             nonlocal failure
             failure = exc
-            emit(_Failure(exc))
+            emit(Failure(exc))
 
         try:
             await self.admission.acquire()
@@ -335,24 +254,18 @@ class RouterCore:
                 fail(DeadlineExceededError(f"deadline exceeded {where} the first token"))
             elif reason == "abort":
                 finish = ("abort", "aborted by request")
-        except (RouterError, InvalidRequestError) as exc:
-            if st.num_tokens_sent:
-                finish = ("error", str(exc))
-            else:
-                fail(exc)
+        except (RouterError, InvalidRequestError) as exc:  # (after tokens too: a non-OK status ends the stream)
+            fail(exc)
         except Exception as exc:  # noqa: BLE001 - a worker failure of any kind
             err = self._worker_failure(exc)
             log.warning("request %s failed: %s", st.request_id, err)
-            if st.num_tokens_sent:
-                finish = ("error", str(err))
-            else:
-                fail(err)
+            fail(err)
         finally:
             st.finished = True
             final = self._final(st, finish, tokens, t) if finish is not None else None
             if final is not None:
                 emit(final)
-            emit(_END)
+            emit(END)
             self.metrics.observe_request(final, failure, st.stop_reason)
             if final is not None:
                 self.latency.record_final(final)
@@ -360,61 +273,148 @@ class RouterCore:
             self._closing.add(st.request_id)
             self._spawn(self._cleanup(st, admitted))
 
-    async def _run_stages(self, st: _RequestState, t: dict, tokens: list[int], emit) -> tuple[str, str]:
+    async def _run_stages(self, st: RequestState, t: dict, tokens: list[int], emit) -> tuple[str, str]:
         if self.config.mode == "colocated":
             return await self._run_colocated(st, t, tokens, emit)
+        detok = IncrementalDetokenizer(self.tokenizer, st.prepared.sampling.stop)
+        if st.prepared.media:
+            self._encode(st, t)
+        while True:
+            try:
+                return await self._attempt(st, t, tokens, emit, detok)
+            except (asyncio.CancelledError, InvalidRequestError, OverloadedError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a worker failed: retry, migrate or fail
+                await self._retry(st, t, exc, tokens)
+
+    def _encode(self, st: RequestState, t: dict) -> None:
+        """Dispatch the media to an encoder (not awaited: the ref goes straight to prefill)."""
         prepared = st.prepared
-        plan, sampling = prepared.plan, prepared.sampling
-        num_prompt = len(plan.prompt_token_ids)
+        items = [EncodeItem(d.content_hash, m.mime_type, m.data) for d, m in zip(prepared.media, st.media)]
+        encoder = policies.pick_encoder(self._ready("encoder", st.avoid), [i.content_hash for i in items],
+                                        self.config.router.encoder_affinity_max_queue)
+        self._account(st, encoder, "inflight_tokens", len(items))
+        self._account(st, encoder, "inflight_requests", 1)
+        t.setdefault("encode", time.monotonic())
+        st.encoder_worker = encoder
+        st.encode_ref = encoder.actor.encode.remote(items)
 
-        # 1. encode (not awaited: the ref goes straight to the prefill worker)
-        if prepared.media:
-            items = [EncodeItem(d.content_hash, m.mime_type, m.data) for d, m in zip(prepared.media, st.media)]
-            encoder = policies.pick_encoder(self._ready("encoder"), [i.content_hash for i in items],
-                                            self.config.router.encoder_affinity_max_queue)
-            self._account(st, encoder, "inflight_tokens", len(items))
-            self._account(st, encoder, "inflight_requests", 1)
-            t["encode"] = time.monotonic()
-            st.encode_ref = encoder.actor.encode.remote(items)
+    async def _attempt(self, st: RequestState, t: dict, tokens: list[int], emit,
+                       detok: IncrementalDetokenizer) -> tuple[str, str]:
+        """Reserve -> prefill -> KV -> decode, continuing after ``tokens`` (those already sent:
+        none on a first attempt; after a decode failure, the re-prefill covers prompt + tokens)."""
+        plan, sampling = st.prepared.plan, st.prepared.sampling
+        prompt = list(plan.prompt_token_ids) + tokens
+        if tokens:
+            sampling = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - len(tokens))
+        num_prompt = len(prompt)
 
-        # 2. decode reservation (overlaps encoding)
+        # 1. decode reservation (overlaps encoding)
         st.reservation = await self._reserve(st, num_prompt, sampling.max_tokens)
 
-        # 3. prefill: first token at once, then the KV ships
-        prefill = policies.pick_prefill(self._ready("prefill"))
+        # 2. prefill: first token at once, then the KV ships
+        prefill = st.prefill_worker = policies.pick_prefill(self._ready("prefill", st.avoid))
         prefill_acct = [(prefill, "inflight_tokens", num_prompt), (prefill, "inflight_requests", 1)]
         for w, attr, n in prefill_acct:
             self._account(st, w, attr, n)
-        request = PrefillRequest(st.request_id, list(plan.prompt_token_ids), list(plan.media_offsets), sampling,
-                                 self.eos_token_ids)
-        t["prefill"] = time.monotonic()
+        request = PrefillRequest(st.request_id, prompt, list(plan.media_offsets), sampling, self.eos_token_ids)
+        t.setdefault("prefill", time.monotonic())
         st.prefill_gen = prefill.actor.prefill.options(num_returns="streaming").remote(
             request, st.encode_ref, st.reservation)
         first = await self._next(st.prefill_gen, PrefillFirstToken, "prefill")
-        t["first"] = time.monotonic()
-        t["prefill_s"] = first.prefill_s
+        st.prefill_has_token = True
+        if "first" not in t:
+            t["first"], t["prefill_s"] = time.monotonic(), first.prefill_s
         for w, attr, n in prefill_acct + [a for a in st.accounted if a[0].pool == "encoder"]:
             self._unaccount(st, w, attr, n)
 
-        detok = IncrementalDetokenizer(self.tokenizer, sampling.stop)
-        finish = self._push_token(st, detok, first.token_id, tokens, emit, num_prompt)
-        t["ttft"] = time.monotonic()
+        finish = self._push_token(st, detok, first.token_id, tokens, emit, num_prompt, sampling)
+        t.setdefault("ttft", time.monotonic())
         if finish is not None:
             return finish  # done at the first token: cleanup drains the KV transfer, frees the blocks
 
         shipped = await self._next(st.prefill_gen, KVShipped, "prefill")
         st.prefill_drained = True
-        t["kv_s"] = shipped.seconds
+        t["kv_s"] = t.get("kv_s", 0.0) + shipped.seconds
 
-        # 4. decode
+        # 3. decode
         decode = st.decode_worker
         t["decode"] = time.monotonic()
         st.decode_gen = decode.actor.generate.options(num_returns="streaming").remote(DecodeRequest(
-            st.request_id, num_prompt, list(plan.prompt_token_ids), first.token_id, sampling, self.eos_token_ids,
-            first.sampler_state))
+            st.request_id, num_prompt, prompt, first.token_id, sampling, self.eos_token_ids, first.sampler_state))
         return await self._stream_tokens(st, t, decode, detok, tokens, emit)
 
-    async def _run_colocated(self, st: _RequestState, t: dict, tokens: list[int], emit) -> tuple[str, str]:
+    # -- worker failures: retry, migrate, or fail --------------------------------------------
+    async def _retry(self, st: RequestState, t: dict, exc: BaseException, tokens: list[int]) -> None:
+        """A worker failed the request. Which stage failed decides what happens; ``exc`` (as the
+        client's error) is raised when that stage has no retry left:
+
+        * the encoder (its result is an error): encode once more, on another encoder;
+        * prefill, before its first token: prefill again, on another prefill worker;
+        * later (KV transfer, decode; tokens were streamed): migrate, i.e. reserve on another
+          decode worker and re-prefill prompt + the tokens sent so far, which continues greedy
+          output exactly where it stopped.
+        Whatever the failed attempt held is let go first (its reservation, a KV transfer)."""
+        if st.prefill_gen is None:  # no decode worker could reserve: _reserve tried them all
+            raise self._worker_failure(exc)
+        stage, worker, error = await self._failed_stage(st, exc)
+        cfg = self.config.router
+        allowed = {"encoder": cfg.max_encoder_retries, "prefill": cfg.max_prefill_retries,
+                   "decode": cfg.max_decode_migrations}[stage]
+        done = st.num_retries.get(stage, 0)
+        if done >= allowed:
+            raise error
+        st.num_retries[stage] = done + 1
+        if worker is not None:
+            st.avoid.add(worker.worker_id)
+        log.warning("request %s: %s worker %s failed (%s); %s", st.request_id, stage,
+                    worker.worker_id if worker else "?", error,
+                    "migrating" if stage == "decode" else f"retrying on another {stage} worker")
+        self.metrics.observe_retry(stage)
+        await self._release_attempt(st)
+        if stage == "encoder":
+            for a in [a for a in st.accounted if a[0].pool == "encoder"]:
+                self._unaccount(st, *a)
+            self._encode(st, t)
+
+    async def _failed_stage(self, st: RequestState, exc: BaseException) -> tuple[str, PoolWorker | None, Exception]:
+        """(stage, worker, client error) of a failed attempt."""
+        if not st.prefill_has_token and st.encode_ref is not None:
+            try:
+                await st.encode_ref  # (only on this failure path: fetches the embeddings once)
+            except Exception as enc_exc:  # noqa: BLE001 - the encoder failed the request
+                return "encoder", st.encoder_worker, self._worker_failure(enc_exc, st.encoder_worker)
+        if not st.prefill_has_token:
+            return "prefill", st.prefill_worker, self._worker_failure(exc, st.prefill_worker)
+        worker = st.decode_worker if st.prefill_drained else None  # a failed transfer: either side
+        return "decode", worker, self._worker_failure(exc, worker)
+
+    async def _release_attempt(self, st: RequestState) -> None:
+        """Let go of an attempt's prefill stream and decode reservation/stream (the encode ref
+        and the admission slot stay); the next attempt starts from clean fields."""
+        if st.prefill_gen is not None and not st.prefill_drained:
+            # Before the first token, cancelling stops the prefill (the worker frees its
+            # blocks); after it the worker ships the KV whatever we do, so just wait for that.
+            if not st.prefill_has_token:
+                _cancel(st.prefill_gen)
+            await self._drain(st.prefill_gen, self.config.kv_transfer.timeout_s + 10.0)
+        if st.pending_reserve is not None:  # the driver stopped while a reserve() was in flight
+            worker, ref = st.pending_reserve
+            with contextlib.suppress(Exception):
+                if await asyncio.wait_for(_as_coro(ref), 30.0) is not None:
+                    st.decode_worker = worker
+        if st.decode_worker is not None and not st.decode_done:
+            if st.decode_gen is not None:
+                _cancel(st.decode_gen)
+            with contextlib.suppress(Exception):  # (a dead worker fails this at once)
+                await asyncio.wait_for(_as_coro(st.decode_worker.actor.abort.remote(st.request_id)), 30.0)
+        for a in [a for a in st.accounted if a[0].pool in ("prefill", "decode")]:
+            self._unaccount(st, *a)
+        st.prefill_worker = st.prefill_gen = st.reservation = st.pending_reserve = None
+        st.decode_worker = st.decode_gen = None
+        st.prefill_has_token = st.prefill_drained = st.decode_done = False
+
+    async def _run_colocated(self, st: RequestState, t: dict, tokens: list[int], emit) -> tuple[str, str]:
         """Colocated mode: one worker runs encode, prefill and decode; its stream's first chunk is
         the first token. Cleanup aborts it through ``decode_worker`` like a decode stream."""
         num_prompt = len(st.prepared.plan.prompt_token_ids)
@@ -427,7 +427,7 @@ class RouterCore:
         detok = IncrementalDetokenizer(self.tokenizer, st.prepared.sampling.stop)
         return await self._stream_tokens(st, t, worker, detok, tokens, emit)
 
-    async def _stream_tokens(self, st: _RequestState, t: dict, worker: PoolWorker, detok: IncrementalDetokenizer,
+    async def _stream_tokens(self, st: RequestState, t: dict, worker: PoolWorker, detok: IncrementalDetokenizer,
                              tokens: list[int], emit) -> tuple[str, str]:
         """Forward ``st.decode_gen``'s chunks (a decode or colocated worker's stream) to the client:
         detokenize, cut at stop strings, until the worker or a stop string ends the request."""
@@ -447,6 +447,8 @@ class RouterCore:
                 if detok.stopped:
                     finish = ("stop", "")
                     break
+            if finish is None and out.finish_reason == "error":  # its step failed: a worker failure
+                raise WorkerUnavailableError(f"{worker.pool} worker {worker.worker_id} failed the request")
             if finish is None and out.finish_reason is not None:
                 finish = (out.finish_reason, "")
             text = detok.take(final=finish is not None)
@@ -460,8 +462,8 @@ class RouterCore:
                 st.decode_done = out.finish_reason is not None and not detok.stopped
                 return finish
 
-    def _push_token(self, st: _RequestState, detok: IncrementalDetokenizer, tok: int, tokens: list[int], emit,
-                    num_prompt: int) -> tuple[str, str] | None:
+    def _push_token(self, st: RequestState, detok: IncrementalDetokenizer, tok: int, tokens: list[int], emit,
+                    num_prompt: int, sampling: SamplingParams) -> tuple[str, str] | None:
         """Emit the first token (sampled by prefill) with its text; the finish (reason, message) if
         it already ends the request (the token-level stops the decode worker checks for later ones)."""
         tokens.append(tok)
@@ -469,12 +471,12 @@ class RouterCore:
         if detok.stopped:
             finish = ("stop", "")
         else:
-            finish = _first_token_stop(st.prepared.sampling, tok, self.eos_token_ids, num_prompt, self.max_model_len)
+            finish = _first_token_stop(sampling, tok, self.eos_token_ids, num_prompt, self.max_model_len)
         emit(TokenEvent([tok], detok.take(final=finish is not None)))
         st.num_tokens_sent += 1
         return finish
 
-    def _final(self, st: _RequestState, finish: tuple[str, str], tokens: list[int], t: dict) -> FinalEvent:
+    def _final(self, st: RequestState, finish: tuple[str, str], tokens: list[int], t: dict) -> FinalEvent:
         now = time.monotonic()
         arrival = t["arrival"]
         ttft = t.get("ttft", now) - arrival
@@ -495,13 +497,15 @@ class RouterCore:
         return FinalEvent(finish[0], finish[1], usage, timings)
 
     # -- stages' helpers ---------------------------------------------------------------------
-    def _ready(self, pool: str) -> list[PoolWorker]:
+    def _ready(self, pool: str, avoid: set[str] = frozenset()) -> list[PoolWorker]:
+        """The pool's ready workers, without those in ``avoid`` (that failed this request) unless
+        only those are left."""
         workers = self.controller.ready_workers(pool)
         if not workers:
             raise WorkerUnavailableError(f"no ready {pool} worker")
-        return workers
+        return [w for w in workers if w.worker_id not in avoid] or workers
 
-    async def _reserve(self, st: _RequestState, num_prompt: int, max_tokens: int) -> Reservation:
+    async def _reserve(self, st: RequestState, num_prompt: int, max_tokens: int) -> Reservation:
         block_size = self.config.engine.block_size
         num_blocks = math.ceil(min(num_prompt + max_tokens, self.max_model_len) / block_size)
         waiting = False
@@ -509,7 +513,7 @@ class RouterCore:
             while True:
                 failure: Exception | None = None
                 num_failed = 0
-                candidates = policies.rank_decode(self._ready("decode"), num_blocks)
+                candidates = policies.rank_decode(self._ready("decode", st.avoid), num_blocks)
                 for worker in candidates:
                     ref = worker.actor.reserve.remote(st.request_id, num_prompt, max_tokens)
                     st.pending_reserve = (worker, ref)  # cancelled while waiting: cleanup undoes it
@@ -591,11 +595,11 @@ class RouterCore:
         return None
 
     # -- accounting --------------------------------------------------------------------------
-    def _account(self, st: _RequestState, worker: PoolWorker, attr: str, amount: int) -> None:
+    def _account(self, st: RequestState, worker: PoolWorker, attr: str, amount: int) -> None:
         setattr(worker, attr, getattr(worker, attr) + amount)
         st.accounted.append((worker, attr, amount))
 
-    def _unaccount(self, st: _RequestState, worker: PoolWorker, attr: str, amount: int) -> None:
+    def _unaccount(self, st: RequestState, worker: PoolWorker, attr: str, amount: int) -> None:
         with contextlib.suppress(ValueError):
             st.accounted.remove((worker, attr, amount))
             setattr(worker, attr, getattr(worker, attr) - amount)
@@ -606,29 +610,14 @@ class RouterCore:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _cleanup(self, st: _RequestState, admitted: bool) -> None:
+    async def _cleanup(self, st: RequestState, admitted: bool) -> None:
         """Let every stage go of the request. Order matters: the prefill stream must be over (its
         KV transfer finished or aborted) before the decode reservation is freed, or late KV could
         land in blocks that another request owns by then."""
         try:
             if st.encode_ref is not None and st.num_tokens_sent == 0:
                 _cancel(st.encode_ref)
-            if st.prefill_gen is not None and not st.prefill_drained:
-                # Before the first token, cancelling stops the prefill (the worker frees its
-                # blocks); after it the worker ships the KV whatever we do, so just wait for that.
-                if st.num_tokens_sent == 0:
-                    _cancel(st.prefill_gen)
-                await self._drain(st.prefill_gen, self.config.kv_transfer.timeout_s + 10.0)
-            if st.pending_reserve is not None:  # the driver stopped while a reserve() was in flight
-                worker, ref = st.pending_reserve
-                with contextlib.suppress(Exception):
-                    if await asyncio.wait_for(_as_coro(ref), 30.0) is not None:
-                        st.decode_worker = worker
-            if st.decode_worker is not None and not st.decode_done:
-                if st.decode_gen is not None:
-                    _cancel(st.decode_gen)
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(_as_coro(st.decode_worker.actor.abort.remote(st.request_id)), 30.0)
+            await self._release_attempt(st)
         except Exception as exc:  # noqa: BLE001 - cleanup must not raise
             log.warning("cleanup of request %s: %s", st.request_id, exc)
         finally:

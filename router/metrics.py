@@ -71,17 +71,25 @@ class RouterMetrics:
         self.prompt_tokens = Counter("tessera_prompt_tokens", "Prompt tokens of finished requests (after "
                                      "media expansion)", registry=r)
         self.generation_tokens = Counter("tessera_generation_tokens", "Tokens generated", registry=r)
+        self.retries = Counter("tessera_request_retries", "Stages run again after a worker failed a request "
+                               "(encoder/prefill: retried on another worker; decode: migrated)", ["stage"],
+                               registry=r)
         self.http_responses = Counter("tessera_http_responses", "HTTP responses by endpoint and status code",
                                       ["endpoint", "code"], registry=r)
         self.router_requests = Gauge("tessera_router_requests", "Requests in the router: running in the pools "
                                      "or waiting for admission", ["state"], registry=r)
         for outcome in OUTCOMES:  # present (at 0) from the first scrape, so rate() works at once
             self.requests.labels(outcome)
+        for pool in ("encoder", "prefill", "decode"):
+            self.retries.labels(pool)
         for stage in STAGES:
             self.stage_seconds.labels(stage)
         r.register(_WorkerCollector(controller))
 
     # -- the one place a finished request is recorded ---------------------------------------------
+    def observe_retry(self, stage: str) -> None:
+        self.retries.labels(stage).inc()
+
     def observe_request(self, final: FinalEvent | None, failure: BaseException | None = None,
                         stop_reason: str = "") -> None:
         self.requests.labels(outcome_of(final, failure, stop_reason)).inc()
