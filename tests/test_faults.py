@@ -88,3 +88,35 @@ def test_failed_step_ends_only_its_requests_and_the_engine_goes_on(engine, point
         assert finish == {first: "length", late: "error"} and tokens[first] == expected[1]
     assert engine.kv_blocks_in_use == 0
     assert [c.token_ids for c in engine.generate(requests)] == expected  # serving as before
+
+
+def test_failed_steps_in_a_row_make_a_worker_report_unhealthy():
+    """Three failed model steps in a row: ``load()`` says unhealthy and ``health_probe`` fails, so
+    the controller's health checks replace the worker (tested in test_controller.py); one good
+    step in between resets the count."""
+    import asyncio
+
+    from cluster.worker_base import MAX_CONSECUTIVE_STEP_FAILURES, BaseWorker
+
+    class Worker(BaseWorker):
+        pool = "decode"
+
+        def _load(self):
+            return {}
+
+    async def run():
+        w = Worker("w")
+        error = RuntimeError("boom")
+        for _ in range(MAX_CONSECUTIVE_STEP_FAILURES - 1):
+            w._step_failed(error, 2)
+        w._step_ok()
+        w._step_failed(error, 2)
+        assert (await w.health_probe())["healthy"]
+        for _ in range(MAX_CONSECUTIVE_STEP_FAILURES - 1):
+            w._step_failed(error, 2)
+        load = await w.load()
+        assert load["healthy"] is False and load["num_step_failures"] == 2 * MAX_CONSECUTIVE_STEP_FAILURES - 1
+        with pytest.raises(RuntimeError, match="in a row failed"):
+            await w.health_probe()
+
+    asyncio.run(run())
