@@ -28,12 +28,15 @@ class LimitsConfig(_Closed):
     max_media_per_request: int = Field(8, ge=0, le=256, description="media items in one request")
     max_media_bytes: int = Field(20 * 2**20, ge=1, description="encoded size of one media item, bytes")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="width x height cap, checked before decoding")
+    max_image_aspect_ratio: float = Field(
+        200.0, ge=1, le=10000, description="long side / short side cap of an image, checked before decoding "
+                                           "(a shortest-edge resize of a 1x5000 image makes a 224x1120000 one)")
     max_audio_seconds: float = Field(30.0, gt=0, le=30.0, description="audio clip length cap (Qwen2-Audio: 30 s window)")
     max_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
 
     def media(self) -> MediaLimits:
         return MediaLimits(self.max_media_per_request, self.max_media_bytes, self.max_image_pixels,
-                           self.max_audio_seconds)
+                           self.max_audio_seconds, self.max_image_aspect_ratio)
 
 
 class EngineConfig(_Closed):

@@ -2,8 +2,9 @@
 
 Two halves, used by different processes of the cluster:
 
-* **Router side** (cheap, no tensors): ``decode_media`` checks and decodes client bytes (image
-  header and pixel cap, audio length), ``num_media_tokens`` says how many placeholder tokens each
+* **Router side** (cheap, no tensors): ``decode_media`` checks and decodes client bytes (the
+  header first: image format, pixel cap and aspect ratio; audio sample rate, channels and length;
+  then the data), ``num_media_tokens`` says how many placeholder tokens each
   item becomes, and ``build_token_plan`` tokenizes the prompt and expands every placeholder to
   that many tokens, exactly as the Hugging Face processor does (``<image>`` x N; ``<|AUDIO|>`` x
   tokens-of-this-clip). A test checks our ids equal the HF processor's.
@@ -33,12 +34,23 @@ class MediaError(ValueError):
     """Media a client sent is unusable (corrupt, too large, wrong kind); INVALID_ARGUMENT."""
 
 
+# What client bytes may reach. Images: only these PIL decoders (not every plugin PIL has, e.g. EPS
+# runs Ghostscript). Audio: whatever libsndfile reads (WAV, FLAC, OGG, MP3), within these bounds,
+# mixed down to mono and resampled to the feature extractor's rate.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+AUDIO_SAMPLE_RATES = (8_000, 192_000)  # Hz, inclusive: telephone .. studio
+MAX_AUDIO_CHANNELS = 8  # 7.1 surround
+
+
 @dataclass(frozen=True)
 class MediaLimits:
     max_media_per_request: int = 8
     max_media_bytes: int = 20 * 1024 * 1024  # per item, encoded
     max_image_pixels: int = 4096 * 4096  # decompression-bomb guard, checked before decoding
     max_audio_seconds: float = 30.0  # Qwen2-Audio's encoder window
+    # long side / short side, checked before decoding: a shortest-edge resize (CLIP) of a 1x5000
+    # image would make a 224x1120000 one
+    max_image_aspect_ratio: float = 200.0
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,11 @@ class MultimodalProcessor:
         elif self.modality == "audio":
             self.placeholder, self.placeholder_id = self.hf_processor.audio_token, config.audio_token_id
         self._preprocess_key = self._preprocessing_fingerprint()
+        # Strings the tokenizer turns into special tokens wherever they appear in a text: BOS/EOS,
+        # chat markers, media placeholders. Chat text must not add any (InputPreparer.render_chat).
+        added = self.tokenizer.added_tokens_decoder.values()
+        self.special_tokens = tuple(sorted({t.content for t in added if t.special}
+                                           | set(self.tokenizer.all_special_tokens)))
 
     # -- router side -------------------------------------------------------------------------
     @property
@@ -115,19 +132,33 @@ class MultimodalProcessor:
 
     def decode_media(self, item: MediaInput, limits: MediaLimits) -> DecodedMedia:
         if not item.data:
-            raise MediaError("media item is empty (0 bytes)")
+            raise MediaError("the data is empty (0 bytes)")
         if len(item.data) > limits.max_media_bytes:
-            raise MediaError(f"media item is {len(item.data)} bytes; the limit is {limits.max_media_bytes}")
+            raise MediaError(f"the data is {len(item.data)} bytes; the limit is {limits.max_media_bytes}")
+        if item.mime_type and not item.mime_type.startswith(("image/", "audio/")):
+            raise MediaError(f"mime type {item.mime_type[:64]!r} is neither image/* nor audio/*")
         modality = item.modality
         if modality != self.modality:
             what = self.modality or "text only"
             raise MediaError(f"this model does not accept {modality} input (it takes {what})")
         digest = hashlib.blake2b(item.data, digest_size=16, key=self._preprocess_key).hexdigest()
         if modality == "image":
-            image = _decode_image(item.data, limits.max_image_pixels)
+            image = _decode_image(item.data, limits)
             return DecodedMedia("image", digest, image=image, num_tokens=self.tokens_per_image)
         audio = _decode_audio(item.data, self.sampling_rate, limits.max_audio_seconds)
-        return DecodedMedia("audio", digest, audio=audio, num_tokens=self.audio_tokens(len(audio)))
+        num_tokens = self.audio_tokens(len(audio))
+        if num_tokens < 1:  # the placeholder would expand to nothing: the model would not hear it
+            ms = 1000 / self.sampling_rate
+            raise MediaError(f"audio is {len(audio) * ms:.1f} ms long, too short to give the audio encoder any "
+                             f"output; send at least {math.ceil(self.min_audio_samples * ms)} ms")
+        return DecodedMedia("audio", digest, audio=audio, num_tokens=num_tokens)
+
+    @property
+    def min_audio_samples(self) -> int:
+        """The shortest clip (samples at ``sampling_rate``) that gives at least one audio token."""
+        hop = self.hf_processor.feature_extractor.hop_length
+        frames = next((f for f in range(1, 64) if self.audio_tokens(f * hop) >= 1), 1)
+        return (frames - 1) * hop + 1
 
     def audio_tokens(self, num_samples: int) -> int:
         fe = self.hf_processor.feature_extractor
@@ -182,19 +213,32 @@ class MultimodalProcessor:
         return hashlib.blake2b(blob, digest_size=32).digest()
 
 
-def _decode_image(data: bytes, max_pixels: int) -> Image.Image:
+# Decoding failures name the exception type only: decoders' messages can hold object addresses.
+def _decode_image(data: bytes, limits: MediaLimits) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size  # header only: nothing decoded yet
-            if width * height > max_pixels:
-                raise MediaError(f"image is {width}x{height} pixels; the limit is {max_pixels} pixels")
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+            _check_image_header(*img.size, limits)  # header only: nothing decoded yet
             img.load()
             return img.convert("RGB")
     except MediaError:
         raise
-    except (Image.DecompressionBombError, Image.UnidentifiedImageError, OSError, ValueError,
-            SyntaxError) as exc:
-        raise MediaError(f"cannot decode image: {type(exc).__name__}") from exc
+    except Image.DecompressionBombError:  # PIL's own header check (2x its MAX_IMAGE_PIXELS)
+        raise MediaError(f"image is over the limit of {limits.max_image_pixels} pixels") from None
+    except Image.UnidentifiedImageError:
+        raise MediaError(f"cannot decode image: the bytes are not a {', '.join(IMAGE_FORMATS[:-1])} or "
+                         f"{IMAGE_FORMATS[-1]} image") from None
+    except Exception as exc:  # noqa: BLE001 - whatever a decoder raises on client bytes is the client's
+        raise MediaError(f"cannot decode image: the data is corrupt or truncated ({type(exc).__name__})") from None
+
+
+def _check_image_header(width: int, height: int, limits: MediaLimits) -> None:
+    if width < 1 or height < 1:
+        raise MediaError(f"image is {width}x{height} pixels: it has no pixels")
+    if width * height > limits.max_image_pixels:
+        raise MediaError(f"image is {width}x{height} pixels; the limit is {limits.max_image_pixels} pixels")
+    if max(width, height) / min(width, height) > limits.max_image_aspect_ratio:
+        raise MediaError(f"image is {width}x{height} pixels, an aspect ratio over the limit of "
+                         f"{limits.max_image_aspect_ratio:g}:1; crop or pad it")
 
 
 def _decode_audio(data: bytes, sampling_rate: int, max_seconds: float) -> np.ndarray:
@@ -202,20 +246,34 @@ def _decode_audio(data: bytes, sampling_rate: int, max_seconds: float) -> np.nda
 
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            if f.samplerate <= 0 or f.frames <= 0:
-                raise MediaError("audio has no samples")
-            if f.frames / f.samplerate > max_seconds:
-                raise MediaError(f"audio is {f.frames / f.samplerate:.1f} s long; the limit is {max_seconds} s")
-            audio = f.read(dtype="float32", always_2d=True).mean(axis=1)
+            _check_audio_header(f.samplerate, f.channels, f.frames, max_seconds)
+            # mono block by block: memory follows the samples really there, not the header's claim
+            audio = np.concatenate([b.mean(axis=1) for b in f.blocks(65536, dtype="float32", always_2d=True)]
+                                   or [np.zeros(0, np.float32)])
             rate = f.samplerate
     except MediaError:
         raise
-    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
-        raise MediaError(f"cannot decode audio: {type(exc).__name__}") from exc
-    if audio.size == 0 or not np.isfinite(audio).all():
-        raise MediaError("audio has no samples or non-finite samples")
+    except Exception as exc:  # noqa: BLE001 - whatever a decoder raises on client bytes is the client's
+        raise MediaError(f"cannot decode audio: not a WAV, FLAC, OGG or MP3 file, or corrupt "
+                         f"({type(exc).__name__})") from None
+    if audio.size == 0:
+        raise MediaError("audio has no samples")
+    if not np.isfinite(audio).all():
+        raise MediaError("audio has NaN or infinite samples")
     if rate != sampling_rate:
         import soxr
 
         audio = soxr.resample(audio, rate, sampling_rate).astype(np.float32)
     return audio
+
+
+def _check_audio_header(rate: int, channels: int, frames: int, max_seconds: float) -> None:
+    low, high = AUDIO_SAMPLE_RATES
+    if not low <= rate <= high:
+        raise MediaError(f"audio sample rate is {rate} Hz; accepted: {low}..{high} Hz")
+    if not 1 <= channels <= MAX_AUDIO_CHANNELS:
+        raise MediaError(f"audio has {channels} channels; accepted: 1..{MAX_AUDIO_CHANNELS}")
+    if frames <= 0:
+        raise MediaError("audio has no samples")
+    if frames / rate > max_seconds:
+        raise MediaError(f"audio is {frames / rate:.1f} s long; the limit is {max_seconds:g} s")

@@ -49,7 +49,7 @@ from cluster.autoscaler import LatencyWindow
 from cluster.controller import Controller, PoolWorker
 from cluster.engine.block_manager import NoFreeBlocksError
 from cluster.engine.detokenizer import IncrementalDetokenizer
-from cluster.engine.inputs import InputPreparer
+from cluster.engine.inputs import InputPreparer, check_chat_size, check_request_id
 from cluster.engine.sampling import InvalidRequestError, SamplingParams
 from models.processor import MediaInput, MultimodalProcessor
 from router import policies
@@ -119,6 +119,7 @@ class RouterCore:
         return RequestStream(self, st)
 
     def _check_new_id(self, request_id: str) -> None:
+        check_request_id(request_id)
         if request_id in self._requests or request_id in self._closing:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
 
@@ -188,6 +189,7 @@ class RouterCore:
             return inp.prompt, list(inp.media)
         if not inp.messages:
             raise InvalidRequestError("`messages` is empty")
+        check_chat_size(len(inp.messages), max(len(t.get("content", ())) for t in inp.messages))
         used: list[int] = []
         turns = []
         for turn in inp.messages:
@@ -210,14 +212,7 @@ class RouterCore:
         if len(used) != len(inp.media):
             unused = sorted(set(range(len(inp.media))) - set(used))
             raise InvalidRequestError(f"media item(s) {unused} are not referenced by any message")
-        if any(p.get("type") == "text" and self.processor.placeholder and self.processor.placeholder in p["text"]
-               for t in turns for p in t["content"]):
-            raise InvalidRequestError(
-                f"chat text must not contain the placeholder {self.processor.placeholder!r}; use media parts")
-        try:
-            prompt = self.processor.apply_chat_template(turns)
-        except Exception as exc:  # noqa: BLE001 - template errors are the client's input
-            raise InvalidRequestError(f"cannot apply the chat template: {exc}") from None
+        prompt = self.preparer.render_chat(turns)  # roles, and no special token typed into the text
         return prompt, [inp.media[i] for i in used]
 
     # -- stopping ----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from cluster.api import tessera_pb2 as pb
 from cluster.api import tessera_pb2_grpc
 from cluster.config import RouterConfig
 from cluster.controller import ScaleError
+from cluster.engine.inputs import check_chat_size
 from cluster.engine.sampling import InvalidRequestError, SamplingParams
 from models.processor import MediaInput
 from router.auth import AUTH_HEADER, UNAUTHENTICATED_MESSAGE, is_authorized
@@ -83,6 +84,8 @@ def input_from_proto(req: pb.GenerateRequest, default_max_tokens: int, timeout_s
         raise InvalidRequestError("set `prompt` or `messages`")
     messages = None
     if which == "messages":
+        turns = req.messages.messages
+        check_chat_size(len(turns), max((len(m.content) for m in turns), default=0))  # before walking it
         messages = []
         for m in req.messages.messages:
             parts = []
@@ -248,6 +251,49 @@ def _denying_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(deny, **codec)
 
 
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """A Tessera request that does not parse as its protobuf message (corrupt wire format, a string
+    that is not UTF-8) is the client's error: INVALID_ARGUMENT, where grpc would answer UNKNOWN."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/") or handler.request_streaming:
+            return handler
+        return _tolerant_handler(handler, details.method)
+
+
+class _Malformed:
+    """What a request that did not parse deserializes to."""
+
+
+def _tolerant_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """``handler`` whose deserializer never raises: a malformed request fails with INVALID_ARGUMENT."""
+    parse = handler.request_deserializer
+    message = f"the {method} request is not a valid protobuf message (corrupt, or a string field is not UTF-8)"
+
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except Exception:  # noqa: BLE001 - DecodeError, mostly
+            return _Malformed()
+
+    async def unary(request, context):
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        return await handler.unary_unary(request, context)
+
+    async def stream(request, context):
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        async for response in handler.unary_stream(request, context):
+            yield response
+
+    codec = {"request_deserializer": deserialize, "response_serializer": handler.response_serializer}
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream, **codec)
+    return grpc.unary_unary_rpc_method_handler(unary, **codec)
+
+
 def _bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -260,7 +306,8 @@ class GrpcServer:
         self.core = core
         self.config = config
         max_bytes = int(config.max_message_mb * 2**20)
-        self.server = grpc.aio.server(interceptors=[ApiKeyInterceptor(tuple(config.api_keys))], options=[
+        interceptors = [ApiKeyInterceptor(tuple(config.api_keys)), MalformedRequestInterceptor()]
+        self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_send_message_length", max_bytes),
             ("grpc.max_receive_message_length", max_bytes),
         ])

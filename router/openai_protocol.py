@@ -19,10 +19,10 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.engine.inputs import MAX_CHAT_MESSAGES as MAX_MESSAGES  # the same bounds as gRPC chats
+from cluster.engine.inputs import MAX_CHAT_PARTS as MAX_PARTS_PER_MESSAGE
 from cluster.engine.sampling import SamplingParams
 
-MAX_MESSAGES = 256  # chat messages in one request
-MAX_PARTS_PER_MESSAGE = 64  # content parts in one message
 MAX_N = 1  # choices per request (n > 1 is not implemented)
 MAX_STOP_LIST = 64  # parse-time bound; SamplingParams enforces the real limit (16)
 

@@ -78,17 +78,19 @@ class ServedCluster:
 
 @pytest.fixture(scope="module")
 def served_cluster(ray_session, tiny_models):
-    """``served_cluster(arch) -> ServedCluster``, started once per module and architecture. Only
-    one runs at a time (asking for another arch stops the previous one): order tests by arch."""
-    current: dict[str, ServedCluster] = {}
+    """``served_cluster(arch, **overrides) -> ServedCluster``, started once per module, architecture
+    and overrides (as ``ServedCluster`` takes them). Only one runs at a time (asking for another
+    stops the previous one): order tests by arch."""
+    current: dict[tuple, ServedCluster] = {}
 
-    def get(arch: str) -> ServedCluster:
-        if arch not in current:
+    def get(arch: str, **overrides) -> ServedCluster:
+        key = (arch, repr(sorted(overrides.items())))
+        if key not in current:
             for stack in current.values():
                 stack.close()
             current.clear()
-            current[arch] = ServedCluster(arch, tiny_models[arch])
-        return current[arch]
+            current[key] = ServedCluster(arch, tiny_models[arch], **overrides)
+        return current[key]
 
     yield get
     for stack in current.values():

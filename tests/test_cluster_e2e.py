@@ -23,49 +23,14 @@ from cluster.client import build_request, collect
 from cluster.engine.sampling import SamplingParams
 from models.media_samples import make_test_audio, make_test_image
 from models.processor import MediaInput
-from tests.conftest import TEST_ENGINE
+from tests.helpers import (decode_finished, long_request, reference, reference_engine, wait_until_idle,
+                           worker_counters)
 from tests.reference import prompt_cases
 
 pytestmark = pytest.mark.slow
 
 # llava-clip-llama last: the tests after the parity ones reuse its cluster.
 PARITY_ORDER = ("llava-siglip-qwen2", "qwen2-audio", "llava-clip-llama")
-_engines: dict = {}
-
-
-def reference_engine(arch, path):
-    """The colocated reference of ``arch``, with the test clusters' engine settings (one at a time)."""
-    from cluster.config import EngineConfig
-    from cluster.engine.colocated import ColocatedEngine
-
-    if arch not in _engines:
-        _engines.clear()
-        _engines[arch] = ColocatedEngine(EngineConfig(model=str(path), **TEST_ENGINE))
-    return _engines[arch]
-
-
-def reference(engine, requests):
-    """[(prompt, media, sampling)] -> Completions, all in one continuous batch."""
-    return engine.generate(list(requests))
-
-
-def wait_until_idle(stack, timeout_s: float = 20.0) -> dict:
-    """Until the router holds nothing and every KV block of every LM worker is free; the status."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = stack.client.status()
-        lm_workers = [w for name in ("prefill", "decode") for w in status["pools"][name]["workers"]]
-        if stack.core.is_idle and all(w["num_kv_blocks_free"] == w["num_kv_blocks_total"] > 0 for w in lm_workers):
-            return status
-        if time.monotonic() > deadline:
-            raise AssertionError(f"cluster not idle after {timeout_s} s: {json.dumps(status)}")
-        time.sleep(0.1)
-
-
-def worker_loads(stack) -> dict[str, dict]:
-    import ray
-
-    return {w.worker_id: ray.get(w.actor.load.remote(), timeout=30) for w in stack.cluster.controller.workers()}
 
 
 # -- parity ------------------------------------------------------------------------------------
@@ -163,16 +128,6 @@ def test_kv_bytes_of_one_request_are_counted_in_cluster_status(served_cluster):
 
 
 # -- cancellation, abort, deadline ---------------------------------------------------------------
-def long_request(request_id: str = "", max_tokens: int = 1000) -> pb.GenerateRequest:
-    return build_request("USER: <image>\nTell me a long story. ASSISTANT:",
-                         [MediaInput(make_test_image(5), "image/png")],
-                         SamplingParams(max_tokens=max_tokens, ignore_eos=True), request_id=request_id)
-
-
-def decode_finished(stack) -> int:
-    return sum(load.get("num_finished", 0) for wid, load in worker_loads(stack).items() if wid.startswith("decode"))
-
-
 def test_client_cancel_mid_stream_frees_every_block(served_cluster):
     stack = served_cluster("llava-clip-llama")
     finished_before = decode_finished(stack)
@@ -247,15 +202,13 @@ def invalid_requests():
 
 def test_invalid_requests_get_invalid_argument_without_touching_workers(served_cluster):
     stack = served_cluster("llava-clip-llama")
-    counters = ("cache_hits", "cache_misses", "num_prefilled", "num_reserved", "num_finished", "kv_blocks_free")
-    before = {wid: {k: load.get(k) for k in counters} for wid, load in worker_loads(stack).items()}
+    before = worker_counters(stack)
     for name, request in invalid_requests().items():
         with pytest.raises(grpc.RpcError) as err:
             collect(stack.client.stream(request), time.perf_counter())
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
         assert err.value.details(), name
-    after = {wid: {k: load.get(k) for k in counters} for wid, load in worker_loads(stack).items()}
-    assert after == before
+    assert worker_counters(stack) == before
 
 
 def test_overload_is_resource_exhausted(served_cluster):

@@ -20,7 +20,7 @@ from cluster.engine.sampling import SamplingParams
 from models.media_samples import make_test_audio, make_test_image
 from models.processor import MediaInput
 from router.media_urls import host_allowed
-from tests.test_cluster_e2e import wait_until_idle, worker_loads
+from tests.helpers import assert_openai_error, data_uri, wait_until_idle, worker_counters
 
 IMAGE = make_test_image(1)
 QUESTION = "What is in this picture?"
@@ -28,10 +28,6 @@ QUESTION = "What is in this picture?"
 
 def openai_client(stack) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 def model_name(stack) -> str:
@@ -74,16 +70,6 @@ def scrape(stack) -> dict[tuple[str, tuple], float]:
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(resp.text) for s in family.samples}
-
-
-def assert_openai_error(resp: httpx.Response, status: int, param: str | None = None) -> dict:
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    assert body["error"]["message"] and isinstance(body["error"]["type"], str)
-    if param is not None:
-        assert body["error"]["param"] == param, body
-    return body["error"]
 
 
 # -- no cluster ----------------------------------------------------------------------------------
@@ -218,8 +204,7 @@ def invalid_bodies(stack) -> dict[str, tuple[str, dict | bytes, int, str | None]
 @pytest.mark.slow
 def test_malformed_requests_get_openai_errors_before_touching_workers(served_cluster):
     stack = served_cluster("llava-clip-llama")
-    counters = ("cache_hits", "cache_misses", "num_prefilled", "num_reserved", "num_finished", "kv_blocks_free")
-    before = {wid: {k: load.get(k) for k in counters} for wid, load in worker_loads(stack).items()}
+    before = worker_counters(stack)
     with httpx.Client(base_url=stack.http_url, timeout=60) as http:
         for name, (route, body, status, param) in invalid_bodies(stack).items():
             resp = http.post(route, content=body) if isinstance(body, bytes) else http.post(route, json=body)
@@ -227,8 +212,7 @@ def test_malformed_requests_get_openai_errors_before_touching_workers(served_clu
         assert_openai_error(http.get("/v1/nothing"), 404)
         assert_openai_error(http.post("/v2/chat/completions", json={}), 404)
         assert_openai_error(http.get("/v1/models/gpt-4o"), 404)
-    after = {wid: {k: load.get(k) for k in counters} for wid, load in worker_loads(stack).items()}
-    assert after == before
+    assert worker_counters(stack) == before
     # the official client raises its typed errors for them
     with pytest.raises(openai.BadRequestError):
         openai_client(stack).chat.completions.create(model=model_name(stack), messages=[], max_tokens=2)
@@ -339,7 +323,8 @@ def test_metrics_parse_and_move_with_traffic(served_cluster):
                        "tessera_e2e_request_latency_seconds": "histogram", "tessera_worker_queued_requests": "gauge",
                        "tessera_worker_kv_blocks_used": "gauge", "tessera_worker_kv_blocks_total": "gauge",
                        "tessera_encoder_cache_hit_rate": "gauge", "tessera_encoder_cache_hits": "counter",
-                       "tessera_kv_transfer_bytes": "counter", "tessera_http_responses": "counter"}.items():
+                       "tessera_kv_transfer_bytes": "counter", "tessera_http_responses": "counter",
+                       "tessera_request_retries": "counter", "tessera_worker_step_seconds": "histogram"}.items():
         assert families.get(name) == kind, name
 
     image = make_test_image(11)  # new to the encoder cache: one miss, then one hit
@@ -362,6 +347,10 @@ def test_metrics_parse_and_move_with_traffic(served_cluster):
     assert delta("tessera_generation_tokens_total") >= 2
     assert delta("tessera_encoder_cache_hits_total", worker="encoder-0") == 1
     assert delta("tessera_encoder_cache_misses_total", worker="encoder-0") == 1
+    # the same image and text again: the prefill worker reused the KV blocks of the first request
+    prefill = next(w.worker_id for w in stack.cluster.controller.workers() if w.pool == "prefill")
+    assert delta("tessera_prefix_cache_hit_tokens_total", pool="prefill", worker=prefill) >= 256
+    assert delta("tessera_prefix_cache_query_tokens_total", pool="prefill", worker=prefill) > 512
     assert 0 < value(after, "tessera_encoder_cache_hit_rate") <= 1
     assert delta("tessera_http_responses_total", endpoint="/v1/chat/completions", code="200") == 2
     assert delta("tessera_http_responses_total", endpoint="/v1/chat/completions", code="400") == 1
@@ -373,4 +362,7 @@ def test_metrics_parse_and_move_with_traffic(served_cluster):
             assert value(after, "tessera_worker_kv_blocks_used", pool=w.pool, worker=w.worker_id) == 0
     assert value(after, "tessera_workers", pool="decode", state="ready") == 1
     assert delta("tessera_kv_transfer_bytes_total") > 0
+    # model steps: one encoder batch (the second request hit the cache), a prefill and decode steps each
+    for pool, at_least in (("encoder", 1), ("prefill", 2), ("decode", 2)):
+        assert delta("tessera_worker_step_seconds_count", pool=pool) >= at_least, pool
     assert delta("tessera_requests_total", outcome="invalid") == 0  # that 400 came from the HTTP layer, not the core

@@ -1,6 +1,7 @@
 """Sampling parameters (validated once, at the front door) and the batched sampler.
 
-Semantics follow vLLM's ``SamplingParams``: ``temperature == 0`` is greedy; ``top_k <= 0`` and
+Semantics follow vLLM's ``SamplingParams``: ``temperature == 0`` is greedy (so is any temperature
+below ``MIN_SAMPLING_TEMPERATURE``, where logits / T would overflow float32); ``top_k <= 0`` and
 ``top_p == 1`` disable those filters; ``seed`` makes one request's sampling reproducible whatever
 else shares its batch (each seeded request owns a ``torch.Generator``); ``ignore_eos`` keeps going
 past EOS until ``max_tokens``; ``stop`` strings end the output before the match (the match itself
@@ -17,6 +18,9 @@ import torch
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
+# Below this temperature a request samples greedily, as in vLLM (its _SAMPLING_EPS): logits / 1e-45
+# is +-inf in float32 and the softmax NaN, which would fail the worker's whole sampling step.
+MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
 class InvalidRequestError(ValueError):
@@ -36,7 +40,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
 
     def validate(self, max_tokens_limit: int, vocab_size: int) -> "SamplingParams":
         """Raise ``InvalidRequestError`` with a message a user can act on; return self."""
