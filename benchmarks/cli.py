@@ -89,6 +89,10 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True, metavar="URL",
                    help="grpc://HOST:PORT (Tessera gRPC) or http://HOST:PORT (OpenAI-compatible)")
     p.add_argument("--model", default="", help="HTTP: model name (default: the server's first)")
+    p.add_argument("--tls-ca", default=None, metavar="FILE",
+                   help="TLS (grpc:// or https:// target): PEM CA certificate(s) that signed the server's certificate")
+    p.add_argument("--tls-cert", default=None, metavar="FILE", help="mutual TLS: this client's PEM certificate")
+    p.add_argument("--tls-key", default=None, metavar="FILE", help="mutual TLS: the PEM private key of --tls-cert")
     p.add_argument("--metrics-url", default="",
                    help="Prometheus /metrics to cross-check with (default: TARGET/metrics for http targets)")
     p.add_argument("--workload", default="multi_image", metavar="NAME|FILE")
@@ -156,7 +160,10 @@ class RemoteServer:
     """Only an address and (maybe) a /metrics URL."""
 
     def __init__(self, args):
+        from cluster.client import ClientTLS
+
         self.http_url = args.target.rstrip("/").removesuffix("/v1") if args.target.startswith("http") else ""
+        self.tls = ClientTLS.of(args.tls_ca, args.tls_cert, args.tls_key)  # the clients' and the scrape's
         self.grpc_address = "" if self.http_url else args.target.removeprefix("grpc://")
         self.model = args.model
         self.metrics_url = args.metrics_url or (f"{self.http_url}/metrics" if self.http_url else "")
@@ -167,7 +174,7 @@ class RemoteServer:
         if not self.metrics_url:
             return None
         try:
-            resp = httpx.get(self.metrics_url, timeout=10.0)
+            resp = httpx.get(self.metrics_url, timeout=10.0, verify=self.tls.ssl_context() if self.tls else True)
             return resp.text if resp.status_code == 200 else None
         except httpx.HTTPError:
             return None

@@ -85,9 +85,10 @@ def chat_body(req: BenchRequest, model: str) -> dict[str, Any]:
 class OpenAIChatClient(BenchClient):
     name = "openai-http"
 
-    def __init__(self, base_url: str, model: str = "", api_key: str | None = None):
+    def __init__(self, base_url: str, model: str = "", api_key: str | None = None, tls=None):
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.model = model
+        self.tls = tls  # cluster.client.ClientTLS for an https:// server with its own CA, or None
         self.headers = {"Content-Type": "application/json"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
@@ -97,6 +98,7 @@ class OpenAIChatClient(BenchClient):
         import httpx
 
         self.http = httpx.AsyncClient(base_url=self.base_url, timeout=httpx.Timeout(None, connect=30.0),
+                                      verify=self.tls.ssl_context() if self.tls is not None else True,
                                       limits=httpx.Limits(max_connections=4096, max_keepalive_connections=4096))
         if not self.model:  # the server's one model (the OpenAI spec requires the field)
             resp = await self.http.get("/v1/models", timeout=30.0)
@@ -167,9 +169,10 @@ def _error_message(body: str) -> str:
 class TesseraGrpcClient(BenchClient):
     name = "tessera-grpc"
 
-    def __init__(self, address: str, max_message_mb: float = 64.0):
+    def __init__(self, address: str, max_message_mb: float = 64.0, tls=None):
         self.address = address
         self.max_bytes = int(max_message_mb * 2**20)
+        self.tls = tls  # cluster.client.ClientTLS for a server with router.tls_cert_file, or None: plaintext
         self.channel = None
         self.stub = None
 
@@ -178,8 +181,10 @@ class TesseraGrpcClient(BenchClient):
 
         from cluster.api import tessera_pb2_grpc
 
-        self.channel = grpc.aio.insecure_channel(self.address, options=[
-            ("grpc.max_send_message_length", self.max_bytes), ("grpc.max_receive_message_length", self.max_bytes)])
+        options = [("grpc.max_send_message_length", self.max_bytes),
+                   ("grpc.max_receive_message_length", self.max_bytes)]
+        self.channel = (grpc.aio.secure_channel(self.address, self.tls.grpc_credentials(), options=options)
+                        if self.tls is not None else grpc.aio.insecure_channel(self.address, options=options))
         await asyncio.wait_for(self.channel.channel_ready(), 30.0)
         self.stub = tessera_pb2_grpc.TesseraStub(self.channel)
 
@@ -242,8 +247,9 @@ class TesseraGrpcClient(BenchClient):
             self.channel = None
 
 
-def make_client(target: str, model: str = "") -> BenchClient:
-    """``grpc://HOST:PORT`` or ``HOST:PORT`` -> gRPC; ``http://...`` -> OpenAI HTTP."""
+def make_client(target: str, model: str = "", tls=None) -> BenchClient:
+    """``grpc://HOST:PORT`` or ``HOST:PORT`` -> gRPC; ``http(s)://...`` -> OpenAI HTTP. ``tls``: a
+    ``cluster.client.ClientTLS`` (gRPC: TLS on; HTTPS: the CA and client certificate to use)."""
     if target.startswith(("http://", "https://")):
-        return OpenAIChatClient(target, model)
-    return TesseraGrpcClient(target.removeprefix("grpc://"))
+        return OpenAIChatClient(target, model, tls=tls)
+    return TesseraGrpcClient(target.removeprefix("grpc://"), tls=tls)

@@ -159,9 +159,10 @@ class Suite:
         from benchmarks.clients import OpenAIChatClient, TesseraGrpcClient
 
         protocol = protocol or self.settings.protocol
+        tls = getattr(server, "tls", None)  # a remote server's (tessera bench run/sweep --tls-ca ...)
         if protocol == "grpc" and server.grpc_address:
-            return TesseraGrpcClient(server.grpc_address)
-        return OpenAIChatClient(server.http_url, getattr(server, "model", ""))
+            return TesseraGrpcClient(server.grpc_address, tls=tls)
+        return OpenAIChatClient(server.http_url, getattr(server, "model", ""), tls=tls)
 
     # -- runs ----------------------------------------------------------------------------------------
     async def measure(self, server, requests, load, label: str, *, slo=None, protocol: str | None = None,

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="deadline of the request (--server)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="key when the server sets router.api_keys (--server; default: $TESSERA_API_KEY)")
+    _add_tls_flags(p)
     p.add_argument("--model", default="",
                    help="model folder or hub id (default: the built-in tiny model; with --server: the server's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="address of `tessera serve`'s gRPC port")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="key when the server sets router.api_keys (default: $TESSERA_API_KEY)")
+    _add_tls_flags(p)
     p.add_argument("--json", action="store_true", help="print the status as one JSON object")
     p.set_defaults(func=cmd_status)
 
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="address of `tessera serve`'s gRPC port")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="admin key when the server sets router.api_keys (default: $TESSERA_API_KEY)")
+    _add_tls_flags(p)
     p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
                    help="then wait (up to SECONDS) until every named pool has exactly that many ready workers")
     p.add_argument("sizes", nargs="+", metavar="POOL=N",
@@ -97,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
     return parser
+
+
+def _add_tls_flags(p: argparse.ArgumentParser) -> None:
+    """Client TLS, for a server with router.tls_cert_file set (any of them turns TLS on)."""
+    p.add_argument("--tls-ca", default=None, metavar="FILE",
+                   help="TLS: PEM CA certificate(s) that signed the server's certificate")
+    p.add_argument("--tls-cert", default=None, metavar="FILE",
+                   help="mutual TLS: this client's PEM certificate (with --tls-key), when the server sets "
+                        "router.tls_client_ca_file")
+    p.add_argument("--tls-key", default=None, metavar="FILE", help="mutual TLS: the PEM private key of --tls-cert")
 
 
 def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
@@ -191,7 +204,7 @@ def _generate_remote(args) -> int:
     def on_chunk(token_ids, text):
         print(text, end="", flush=True)
 
-    with TesseraClient(args.server, api_key=_api_key(args)) as client:
+    with TesseraClient(args.server, api_key=_api_key(args), **_tls(args)) as client:
         try:
             result = client.generate(None if messages else args.prompt, media, sampling_params(args),
                                      messages=messages, timeout_s=args.timeout,
@@ -227,9 +240,11 @@ def cmd_serve(args) -> int:
 
     from cluster.launch import Cluster, LaunchError, init_ray
     from router.service import serve_forever
+    from router.tls import ServerTLS
 
     try:
         config = cluster_config(args)
+        ServerTLS.from_config(config.router)  # bad TLS files: fail now, not once the workers are up
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -248,8 +263,9 @@ def cmd_serve(args) -> int:
             print(f"Tessera is serving {config.engine.model or 'the built-in tiny model'} ({cluster.model_dir})")
             print(f"  gRPC     {grpc_address}   (tessera generate --server {grpc_address} ...; "
                   f"tessera status --server {grpc_address})")
-            print(f"  HTTP     http://{http_address}/v1   (OpenAI-compatible; Prometheus at "
-                  f"http://{http_address}/metrics)")
+            scheme = "https" if config.router.tls_cert_file else "http"
+            print(f"  HTTP     {scheme}://{http_address}/v1   (OpenAI-compatible; Prometheus at "
+                  f"{scheme}://{http_address}/metrics)")
             print(f"  Ray      {args.address or 'local instance'}; KV transport {config.kv_transfer.transport}")
             print("Press Ctrl-C to stop.", flush=True)
 
@@ -271,7 +287,7 @@ def cmd_status(args) -> int:
 
     from cluster.client import TesseraClient
 
-    with TesseraClient(args.server, api_key=_api_key(args)) as client:
+    with TesseraClient(args.server, api_key=_api_key(args), **_tls(args)) as client:
         try:
             status = client.status()
         except grpc.RpcError as exc:
@@ -308,7 +324,7 @@ def cmd_scale(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     api_key = _api_key(args)
-    with TesseraClient(args.server, api_key=_api_key(args)) as client:
+    with TesseraClient(args.server, api_key=_api_key(args), **_tls(args)) as client:
         try:
             accepted, message = client.scale(sizes, api_key=api_key)
         except grpc.RpcError as exc:
@@ -372,6 +388,17 @@ def cmd_bench(args) -> int:
 
 def _api_key(args) -> str | None:
     return getattr(args, "api_key", None) or os.environ.get("TESSERA_API_KEY") or None
+
+
+def _tls(args) -> dict:
+    """TesseraClient's tls_* keyword arguments from --tls-ca / --tls-cert / --tls-key."""
+    files = {"tls-ca": args.tls_ca, "tls-cert": args.tls_cert, "tls-key": args.tls_key}
+    for flag, path in files.items():
+        if path and not os.access(path, os.R_OK):
+            raise SystemExit(f"error: --{flag}: cannot read {path}")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("error: --tls-cert and --tls-key go together")
+    return {"tls_ca_file": args.tls_ca, "tls_cert_file": args.tls_cert, "tls_key_file": args.tls_key}
 
 
 def main(argv: list[str] | None = None) -> int:

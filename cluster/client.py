@@ -7,16 +7,20 @@
         print(client.status())          # {"pools": {...}, "kv_transfer": {...}}
         client.scale({"decode": 4}, api_key=key)   # (accepted, message); workers start in the background
 
+    TesseraClient("host:50051", tls_ca_file="ca.pem")   # a server with router.tls_cert_file set
+
 Client-side timings follow ``vllm bench serve``: TTFT is request sent -> first chunk received,
 TPOT is (E2E - TTFT) / (output tokens - 1).
 """
 
 from __future__ import annotations
 
+import ssl
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -109,15 +113,57 @@ def status_to_dict(status: pb.ClusterStatus) -> dict[str, Any]:
                             "transfers_failed": kv.num_transfers_failed}}
 
 
+@dataclass(frozen=True)
+class ClientTLS:
+    """How a client speaks TLS to a server with ``router.tls_cert_file`` set: ``ca_file`` (PEM)
+    verifies the server's certificate ("": the system's roots); ``cert_file`` + ``key_file`` (PEM)
+    are this client's certificate for a server that requires one (``router.tls_client_ca_file``)."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("a client certificate needs both its file and its key file (or neither)")
+
+    @classmethod
+    def of(cls, ca_file: str | None = None, cert_file: str | None = None,
+           key_file: str | None = None) -> "ClientTLS | None":
+        """None (plaintext) when no file is given."""
+        if not (ca_file or cert_file or key_file):
+            return None
+        return cls(ca_file or "", cert_file or "", key_file or "")
+
+    def grpc_credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(root_certificates=read(self.ca_file), private_key=read(self.key_file),
+                                            certificate_chain=read(self.cert_file))
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """For HTTPS clients (``httpx``'s ``verify=``)."""
+        context = ssl.create_default_context(cafile=self.ca_file or None)
+        if self.cert_file:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
 class TesseraClient:
-    def __init__(self, address: str, *, api_key: str | None = None, max_message_mb: float = 64.0):
+    def __init__(self, address: str, *, api_key: str | None = None, max_message_mb: float = 64.0,
+                 tls_ca_file: str | None = None, tls_cert_file: str | None = None,
+                 tls_key_file: str | None = None):
         """``api_key``: sent as ``authorization: Bearer <key>`` on every call (servers with
-        ``router.api_keys`` refuse calls without one)."""
+        ``router.api_keys`` refuse calls without one). Any ``tls_*`` file: TLS (see ``ClientTLS``);
+        none: plaintext."""
         max_bytes = int(max_message_mb * 2**20)
         self.address = address
         self.metadata = _auth_metadata(api_key)
-        self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", max_bytes),
-                                                               ("grpc.max_receive_message_length", max_bytes)])
+        options = [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
+        tls = ClientTLS.of(tls_ca_file, tls_cert_file, tls_key_file)
+        self.channel = (grpc.secure_channel(address, tls.grpc_credentials(), options=options) if tls is not None
+                        else grpc.insecure_channel(address, options=options))
         self.stub = tessera_pb2_grpc.TesseraStub(self.channel)
 
     def close(self) -> None:

@@ -268,6 +268,21 @@ class RouterConfig(_Closed):
     api_keys: tuple[str, ...] = Field(
         (), description="keys every gRPC method and HTTP route (but health checks) needs as `authorization: "
                         "Bearer <key>`, compared in constant time; empty: no authentication. Keep the file private")
+    tls_cert_file: str = Field(
+        "", description="PEM certificate chain the gRPC and HTTP servers present (TLS; HTTP becomes HTTPS); "
+                        "set with tls_key_file; empty: plaintext")
+    tls_key_file: str = Field("", description="PEM private key of tls_cert_file (unencrypted; keep it private)")
+    tls_client_ca_file: str = Field(
+        "", description="PEM CA bundle: clients must present a certificate signed by it (mutual TLS, both "
+                        "servers, health checks included); needs tls_cert_file; empty: no client certificates")
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> "RouterConfig":
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("set both router.tls_cert_file and router.tls_key_file, or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("router.tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        return self
 
     @field_validator("api_keys")
     @classmethod

@@ -1,13 +1,16 @@
 """The gRPC front door: a thin ``grpc.aio`` servicer translating ``tessera.v1`` protobuf to and
 from ``RouterCore``, plus the standard health service and server reflection.
 
-Status codes: ``InvalidRequestError`` -> INVALID_ARGUMENT, ``OverloadedError`` ->
-RESOURCE_EXHAUSTED, ``WorkerUnavailableError`` -> UNAVAILABLE, ``DeadlineExceededError`` ->
-DEADLINE_EXCEEDED. After the first token a failure ends the stream with a final message instead
-(``FINISH_REASON_ERROR``). The client's deadline and cancellation reach the core (which lets every
-stage go of the request). With ``router.api_keys`` set, every Tessera method needs
-``authorization: Bearer <key>`` metadata (UNAUTHENTICATED otherwise; ``ApiKeyInterceptor``);
-health and reflection stay open.
+Status codes: ``InvalidRequestError`` and a request that does not parse
+(``MalformedRequestInterceptor``) -> INVALID_ARGUMENT, a message over ``router.max_message_mb``
+(grpc's own check) and ``OverloadedError`` -> RESOURCE_EXHAUSTED, ``WorkerUnavailableError`` ->
+UNAVAILABLE, ``DeadlineExceededError`` -> DEADLINE_EXCEEDED. After the first token a failure ends
+the stream with a final message instead (``FINISH_REASON_ERROR``). The client's deadline and
+cancellation reach the core (which lets every stage go of the request). With ``router.api_keys``
+set, every Tessera method needs ``authorization: Bearer <key>`` metadata (UNAUTHENTICATED
+otherwise; ``ApiKeyInterceptor``); health and reflection stay open. With
+``router.tls_cert_file`` the port speaks TLS only (``router/tls.py``; mutual TLS with
+``tls_client_ca_file``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from models.processor import MediaInput
 from router.auth import AUTH_HEADER, UNAUTHENTICATED_MESSAGE, is_authorized
 from router.core import (DeadlineExceededError, FinalEvent, GenerateInput, OverloadedError, RouterCore,
                          RouterError, TokenEvent)
+from router.tls import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +328,11 @@ class GrpcServer:
         return _bind_address(self.config.host, self.port)
 
     async def start(self) -> str:
-        self.port = self.server.add_insecure_port(_bind_address(self.config.host, self.config.grpc_port))
+        """Bind (TLS when ``router.tls_cert_file`` is set; ``TLSConfigError`` for bad files) and serve."""
+        tls = ServerTLS.from_config(self.config)
+        address = _bind_address(self.config.host, self.config.grpc_port)
+        self.port = (self.server.add_secure_port(address, tls.grpc_credentials()) if tls is not None
+                     else self.server.add_insecure_port(address))
         if self.port == 0:
             raise OSError(f"cannot bind gRPC to {self.config.host}:{self.config.grpc_port}")
         await self.server.start()

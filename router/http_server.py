@@ -43,6 +43,7 @@ from router.core import (DeadlineExceededError, FinalEvent, GenerateInput, Overl
 from router.auth import AUTH_HEADER, UNAUTHENTICATED_MESSAGE, is_authorized
 from router.media_urls import MediaResolver
 from router.openai_protocol import HTTPError
+from router.tls import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +369,8 @@ class _CountResponses:
 # -- the server --------------------------------------------------------------------------------
 class HttpServer:
     """uvicorn serving ``OpenAIApp`` on the running event loop (the core's), on ``router.host`` :
-    ``router.http_port``. Signals are left to the owner (``router.service``)."""
+    ``router.http_port``; HTTPS only with ``router.tls_cert_file`` (``router/tls.py``). Signals
+    are left to the owner (``router.service``)."""
 
     def __init__(self, core: RouterCore, config: RouterConfig):
         self.config = config
@@ -390,12 +392,14 @@ class HttpServer:
             def capture_signals(self):  # the process owner handles SIGINT / SIGTERM
                 yield
 
+        tls = ServerTLS.from_config(self.config)  # HTTPS (and client certificates) as gRPC has them
         host = self.config.host.strip("[]")
         sock = socket.create_server((host, self.config.http_port),
                                     family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=2048)
         self.port = sock.getsockname()[1]
         self._server = _Server(uvicorn.Config(self.api.app, log_config=None, log_level="warning",
-                                              access_log=False, lifespan="off", timeout_graceful_shutdown=5))
+                                              access_log=False, lifespan="off", timeout_graceful_shutdown=5,
+                                              **(tls.uvicorn_options() if tls is not None else {})))
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="tessera-http")
         while not self._server.started:
             if self._task.done():
