@@ -40,7 +40,8 @@ def bench(arch: str, batches: list[int], prompt_len: int, output_len: int, repea
     from models.tiny import ensure_tiny_model
 
     path = ensure_tiny_model(arch)
-    engine = ColocatedEngine(EngineConfig(model=str(path), max_num_seqs=max(batches)))
+    # Prefix caching off: transformers has none, and identical rows must cost what distinct ones do.
+    engine = ColocatedEngine(EngineConfig(model=str(path), max_num_seqs=max(batches), enable_prefix_caching=False))
     hf = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     # One text prompt of exactly prompt_len tokens (as the engine tokenizes it), repeated per row:
     # neither engine caches prefixes, so identical rows cost the same as distinct ones.

@@ -270,6 +270,8 @@ SERVER_HISTOGRAMS = {
     "e2e": ("tessera_e2e_request_latency_seconds", "vllm:e2e_request_latency_seconds"),
 }
 
+SERVER_STEP_HISTOGRAM = "tessera_worker_step_seconds"
+
 
 def parse_prometheus(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     """{sample name: [(labels, value), ...]} of a text exposition (comments skipped)."""
@@ -325,17 +327,24 @@ class Histogram:
                 **{f"p{p}": self.quantile(p / 100) for p in PERCENTILES}}
 
 
-def histogram(samples: dict[str, list[tuple[dict[str, str], float]]], name: str) -> Histogram | None:
-    """The histogram ``name`` summed over its label sets (bucket bounds matched by ``le``)."""
-    bucket_rows = samples.get(f"{name}_bucket")
+def histogram(samples: dict[str, list[tuple[dict[str, str], float]]], name: str,
+              match: dict[str, str] | None = None) -> Histogram | None:
+    """The histogram ``name`` summed over its label sets that have the labels ``match`` (bucket
+    bounds matched by ``le``)."""
+
+    def rows(suffix: str):
+        return [(labels, v) for labels, v in samples.get(f"{name}{suffix}", [])
+                if all(labels.get(k) == want for k, want in (match or {}).items())]
+
+    bucket_rows = rows("_bucket")
     if not bucket_rows:
         return None
     buckets: dict[float, float] = {}
     for labels, value in bucket_rows:
         le = float(labels.get("le", "+Inf").replace("+Inf", "inf"))
         buckets[le] = buckets.get(le, 0.0) + value
-    total = sum(v for _, v in samples.get(f"{name}_sum", []))
-    count = sum(v for _, v in samples.get(f"{name}_count", []))
+    total = sum(v for _, v in rows("_sum"))
+    count = sum(v for _, v in rows("_count"))
     return Histogram(sorted(buckets.items()), total, count)
 
 
@@ -350,5 +359,14 @@ def server_latency(before_text: str | None, after_text: str) -> dict[str, dict[s
             hist = histogram(after, name)
             if hist is not None:
                 out[key] = {"metric": name, **hist.minus(histogram(before, name)).summary()}
+                break
+    # Tessera: the model-step time of the workers that decode (decode pool, or the colocated one).
+    for pool in ("decode", "colocated"):
+        match = {"pool": pool}
+        hist = histogram(after, SERVER_STEP_HISTOGRAM, match)
+        if hist is not None:
+            step = hist.minus(histogram(before, SERVER_STEP_HISTOGRAM, match))
+            if step.count > 0:
+                out["decode_step"] = {"metric": f"{SERVER_STEP_HISTOGRAM}{{pool={pool}}}", **step.summary()}
                 break
     return out

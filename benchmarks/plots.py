@@ -117,7 +117,7 @@ def _encoder_cache(plt, data):
     ax.boxplot([[_ms(x) for x in miss], [_ms(x) for x in hit]])
     ax.set_xticks([1, 2], ["new image (miss)", "repeated image (hit)"])
     ax.set_ylabel("TTFT, ms")
-    ax.set_title("Encoder cache")
+    ax.set_title("Encoder + prefix cache")
     yield "encoder_cache", fig
 
 

@@ -7,8 +7,9 @@ Comparisons (``COMPARISONS``; each returns the dict ``benchmarks.report`` render
   disaggregated vs colocated.
 * ``goodput``: highest rate with >= 90% of multi-image requests within both SLOs; disaggregated
   vs colocated vs vLLM's CPU build (installed into its own venv only when this runs).
-* ``kv_transfer``: gloo and ray transports vs memcpy, by payload size (``benchmarks.kv_bench``).
-* ``encoder_cache``: TTFT of a repeated image vs a new one.
+* ``kv_transfer``: gloo, shm and ray transports vs memcpy, by payload size (``benchmarks.kv_bench``).
+* ``encoder_cache``: TTFT of a repeated image vs a new one (the repeat hits the encoder cache and,
+  for the KV of the prompt up to its new text, the prefill worker's prefix cache).
 * ``scaling``: TTFT against image tokens per request (linear fit), throughput against decode
   workers where the machine has the cores.
 
@@ -81,14 +82,19 @@ async def isolation(suite: Suite) -> dict[str, Any]:
         rows.append([mode, to_ms(a["tpot"]["p50"]), to_ms(a["tpot"]["p99"]), to_ms(b["tpot"]["p50"]), to_ms(b["tpot"]["p99"]),
                      ratio, to_ms(a["itl"]["p99"]), to_ms(b["itl"]["p99"]), to_ms(b["ttft"]["p99"]),
                      d["background"]["num_completed"],
-                     to_ms(d["server_alone"].get("tpot", {}).get("p99")), to_ms(d["server_loaded"].get("tpot", {}).get("p99"))])
+                     to_ms(d["server_alone"].get("tpot", {}).get("p99")), to_ms(d["server_loaded"].get("tpot", {}).get("p99")),
+                     to_ms(d["server_alone"].get("decode_step", {}).get("p50")),
+                     to_ms(d["server_loaded"].get("decode_step", {}).get("p50")),
+                     to_ms(d["server_alone"].get("decode_step", {}).get("p99")),
+                     to_ms(d["server_loaded"].get("decode_step", {}).get("p99"))])
     comp["tables"].append({"title": f"Text streams (closed loop, concurrency {s.text_concurrency}, "
                                     f"{s.text_requests} requests) alone and with multi-image requests at "
                                     f"{s.vl_rate:g} req/s; times in ms",
                            "columns": ["mode", "TPOT p50 alone", "TPOT p99 alone", "TPOT p50 loaded",
                                        "TPOT p99 loaded", "p99 ratio", "ITL p99 alone", "ITL p99 loaded",
                                        "TTFT p99 loaded", "multi-image done", "server TPOT p99 alone",
-                                       "server TPOT p99 loaded (all requests)"],
+                                       "server TPOT p99 loaded (all requests)", "decode step p50 alone",
+                                       "decode step p50 loaded", "decode step p99 alone", "decode step p99 loaded"],
                            "rows": rows})
     for mode, d in modes.items():
         cpu = ", ".join(f"{r['label']} {r['client_cpu']:.0%}" for r in d["runs"])
@@ -249,7 +255,7 @@ async def encoder_cache(suite: Suite) -> dict[str, Any]:
     from benchmarks.workloads import generate_requests, load_workload, with_repeated_media
 
     s = suite.settings
-    comp = comparison("encoder_cache", "Encoder cache: repeated image vs new image")
+    comp = comparison("encoder_cache", "Encoder + prefix cache: repeated image vs new image")
     try:
         server = await suite.start_tessera("disaggregated")
     except ServerUnavailable as exc:
@@ -258,11 +264,13 @@ async def encoder_cache(suite: Suite) -> dict[str, Any]:
     try:
         await suite.warmup(server, "single_image")
         before = await asyncio.to_thread(server.cluster_status)
+        scrape_before = await asyncio.to_thread(server.scrape_metrics)
         reqs = with_repeated_media(generate_requests(load_workload("single_image"), s.cache_pairs, s.seed + 20))
         reqs = [replace(r, max_tokens=8) for r in reqs]
         run = await suite.measure(server, reqs, LoadConfig(concurrency=1, max_duration_s=s.max_run_s),
                                   "encoder cache: miss, hit, miss, ...")
         after = await asyncio.to_thread(server.cluster_status)
+        scrape_after = await asyncio.to_thread(server.scrape_metrics)
     finally:
         await suite.stop(server)
     from benchmarks.metrics import RequestRecord
@@ -277,7 +285,15 @@ async def encoder_cache(suite: Suite) -> dict[str, Any]:
         workers = status["pools"].get("encoder", {}).get("workers", [])
         return (sum(w["num_encoder_cache_hits"] for w in workers), sum(w["num_encoder_cache_misses"] for w in workers))
 
+    def prefix_tokens(text):  # (hit, query) prompt tokens of the prefill workers' prefix caches
+        from benchmarks.metrics import parse_prometheus
+
+        samples = parse_prometheus(text or "")
+        return tuple(sum(v for _, v in samples.get(f"tessera_prefix_cache_{kind}_tokens_total", []))
+                     for kind in ("hit", "query"))
+
     (h0, m0), (h1, m1) = cache_counts(before), cache_counts(after)
+    (ph0, pq0), (ph1, pq1) = prefix_tokens(scrape_before), prefix_tokens(scrape_after)
     ratio = ratio_of(sh["p50"], sm["p50"])
     comp["tables"].append({"title": "Sequential requests (concurrency 1), 8 output tokens; each new image is sent "
                                     "again right after with other text; times in ms",
@@ -289,6 +305,14 @@ async def encoder_cache(suite: Suite) -> dict[str, Any]:
                                      h1 - h0, ""]]})
     comp["headline"].append({"metric": "TTFT p50 hit / miss", "value": ratio, "target": "<= 0.5",
                              "met": None if ratio is None else ratio <= 0.5})
+    if pq1 > pq0:
+        comp["notes"].append(
+            f"prefix cache (prefill worker): {ph1 - ph0:.0f} of {pq1 - pq0:.0f} prompt tokens of the run reused "
+            f"(~{(ph1 - ph0) / max(sh['n'], 1):.0f} per repeated-image request): a hit skips the image's encode "
+            f"(encoder cache) and the prefill of every full KV block up to its new text (prefix cache)")
+    else:
+        comp["notes"].append("prefix cache: no reuse reported (engine.enable_prefix_caching off, or a server "
+                             "without the counters): a hit skips only the image's encode")
     stages = {}
     for name, group in groups.items():
         for key in ("encode_s", "prefill_s", "queue_s"):
@@ -300,6 +324,7 @@ async def encoder_cache(suite: Suite) -> dict[str, Any]:
                                "rows": [[n, to_ms(v["queue_s"]), to_ms(v["encode_s"]), to_ms(v["prefill_s"])]
                                         for n, v in stages.items()]})
     comp["data"] = {"miss_ttft_s": miss, "hit_ttft_s": hit, "server_cache": {"hits": h1 - h0, "misses": m1 - m0},
+                    "prefix_cache_tokens": {"hit": ph1 - ph0, "query": pq1 - pq0},
                     "stages_p50_s": stages, "runs": [run["run"]]}
     return comp
 

@@ -223,7 +223,8 @@ def generate_requests(spec: WorkloadSpec, num_requests: int, seed: int = 0) -> l
 def with_repeated_media(requests: list[BenchRequest]) -> list[BenchRequest]:
     """Pairs for the encoder-cache comparison: each request (a miss: new media) followed by a copy
     with the same media bytes but different text (a hit only if the encoder cache works; the text
-    differs so no prompt-level cache could serve it)."""
+    differs, so a prefix cache can serve only the KV before it: the image's, as the chat template
+    puts media first)."""
     out = []
     for req in requests:
         out.append(BenchRequest(len(out), "miss", req.text, req.media, req.max_tokens, req.ignore_eos,

@@ -74,7 +74,7 @@ class ColocatedWorker(BaseWorker):
             if not self.engine.has_unfinished():
                 await self._wait_for_work()
                 continue
-            outputs = await self.run_blocking(self.engine.step)
+            outputs = await self.run_step(self.engine.step)
             if self.engine.last_step_error is not None:  # its requests got "error" outputs below
                 self._step_failed(self.engine.last_step_error, sum(o.finish_reason == "error" for o in outputs))
             else:
@@ -122,5 +122,8 @@ class ColocatedWorker(BaseWorker):
             "num_finished": self._num_finished,
             "kv_blocks_free": self.engine.blocks.num_free_blocks,
             "kv_blocks_total": self.engine.blocks.num_blocks,
+            "kv_blocks_cached": self.engine.blocks.num_cached_blocks,  # (free, but hold reusable prefix KV)
+            "prefix_cache_query_tokens": sched.num_prefix_query_tokens,
+            "prefix_cache_hit_tokens": sched.num_prefix_hit_tokens,
             "max_model_len": self.engine.max_model_len,
         }

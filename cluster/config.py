@@ -51,6 +51,10 @@ class EngineConfig(_Closed):
     max_num_seqs: int = Field(64, ge=1, description="requests in one running batch")
     max_num_batched_tokens: int = Field(2048, ge=16, description="new tokens per step (prefill chunk bound)")
     max_model_len: int = Field(0, ge=0, description="context length; 0: the model's max_position_embeddings")
+    enable_prefix_caching: bool = Field(
+        True, description="reuse the KV of full blocks whose tokens and media (by content hash) repeat an earlier "
+                          "request's prefix, LRU-evicted when blocks run out (colocated and prefill workers; "
+                          "decode workers never use it)")
     limits: LimitsConfig = LimitsConfig()
 
     @property

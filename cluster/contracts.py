@@ -40,6 +40,9 @@ class PrefillRequest:
     media_offsets: list[int]  # token index in prompt_token_ids where each media item's embedding starts, in item order
     sampling: SamplingParams  # validated sampling params (the first token is sampled with these)
     eos_token_ids: tuple[int, ...]  # the model's EOS ids (first token may already be EOS)
+    # content hash of each media item (DecodedMedia.content_hash, hex), in item order: the prefix
+    # cache keys KV blocks by them; empty (unknown): no KV block from the first media item on is reused
+    media_hashes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

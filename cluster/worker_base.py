@@ -20,8 +20,10 @@ unhealthy and the controller's health checks replace it.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
@@ -34,6 +36,25 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_CONSECUTIVE_STEP_FAILURES = 3
+# Upper bounds (seconds) of the model-step time histogram each worker keeps (``load()["step_seconds"]``).
+STEP_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0,
+                        2.5, 10.0)
+
+
+class StepTimes:
+    """Histogram of one worker's model-step wall times (model thread hand-off included): what a
+    decode step costs on this worker, read beside client-side TPOT to see where latency goes."""
+
+    def __init__(self):
+        self.counts = [0] * (len(STEP_SECONDS_BUCKETS) + 1)  # per bucket, not cumulative; last: +Inf
+        self.total_s = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(STEP_SECONDS_BUCKETS, seconds)] += 1
+        self.total_s += seconds
+
+    def report(self) -> dict[str, Any]:
+        return {"buckets": list(self.counts), "sum": round(self.total_s, 6), "count": sum(self.counts)}
 
 
 def set_torch_threads(num_threads: int) -> None:
@@ -60,6 +81,7 @@ class BaseWorker:
         self.faults = FaultInjector(worker_id)
         self._num_step_failures = 0
         self._num_failed_in_a_row = 0
+        self._step_times = StepTimes()
 
     # -- the background loop ---------------------------------------------------------------
     def _ensure_loop(self) -> None:
@@ -123,6 +145,14 @@ class BaseWorker:
     async def clear_faults(self) -> None:
         self.faults.disarm()
 
+    async def run_step(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run one model step in the model thread, timed into ``load()["step_seconds"]``."""
+        start = time.perf_counter()
+        try:
+            return await self.run_blocking(fn, *args)
+        finally:
+            self._step_times.observe(time.perf_counter() - start)
+
     async def run_blocking(self, fn: Callable[..., T], *args: Any, executor: ThreadPoolExecutor | None = None) -> T:
         """Run ``fn(*args)`` in a thread (the model thread by default) without blocking the loop."""
         return await asyncio.get_running_loop().run_in_executor(executor or self._model_executor, fn, *args)
@@ -136,7 +166,8 @@ class BaseWorker:
     async def load(self) -> dict[str, Any]:
         """Counters for routing and cluster status; ``healthy`` is False once the loop died."""
         return {"worker_id": self.worker_id, "pool": self.pool, "healthy": not (self.is_broken or self._closed),
-                "num_step_failures": self._num_step_failures, **self._load()}
+                "num_step_failures": self._num_step_failures, "step_seconds": self._step_times.report(),
+                **self._load()}
 
     def _load(self) -> dict[str, Any]:
         raise NotImplementedError

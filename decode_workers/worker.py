@@ -74,7 +74,7 @@ class DecodeWorker(BaseWorker):
         self.kv_config = kv_transfer or KVTransferConfig()
         model = load_model(resolve_engine_model(engine), dtype=engine.torch_dtype, device=engine.device,
                            parts=("language_model",))
-        lm = build_lm_engine(engine, model)
+        lm = build_lm_engine(engine, model, prefix_caching=False)  # KV arrives into reserved blocks
         self.runner, self.blocks, self.scheduler, self.max_model_len = (
             lm.runner, lm.blocks, lm.scheduler, lm.max_model_len)
         self.receiver = make_kv_endpoint("receiver", self.kv_config.transport, worker_id,
@@ -221,7 +221,7 @@ class DecodeWorker(BaseWorker):
             if self.scheduler.waiting:  # reservations cover max_tokens: this is a bug
                 raise RuntimeError("decode scheduler preempted a request")
             try:
-                tokens = await self.run_blocking(self._execute, batch)  # execute
+                tokens = await self.run_step(self._execute, batch)  # execute
             except Exception as exc:  # noqa: BLE001 — fail this step's requests, keep serving
                 self._fail_batch(batch, exc)
                 continue

@@ -102,7 +102,7 @@ class EncoderWorker(BaseWorker):
             self._num_encoding = len(batch)
             start = time.perf_counter()
             try:
-                results = await self.run_blocking(self._encode_items, [p.item for p in batch])
+                results = await self.run_step(self._encode_items, [p.item for p in batch])
             except Exception as exc:  # noqa: BLE001 — the tower failed: fail the whole batch
                 results = [exc] * len(batch)
                 self._step_failed(exc, len(batch))

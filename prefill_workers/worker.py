@@ -6,14 +6,17 @@ A request's life inside the worker::
       │ Request(prompt, media=MediaSlot(offset, emb)) -> scheduler.add         WAITING
       ▼
     engine loop (one task):  aborts -> schedule -> execute (model thread) -> post-process
-      │ admitted with blocks for the whole prompt; chunked by max_num_batched_tokens,
-      │ batched with other queued prompts                                        RUNNING
+      │ admitted with blocks for the whole prompt, the first ones shared from the prefix
+      │ cache when an earlier prompt began the same (tokens + media content hashes);
+      │ chunked by max_num_batched_tokens, batched with other queued prompts     RUNNING
       ▼ first token sampled: the request leaves the scheduler, its blocks stay held
     yield PrefillFirstToken(token)          <- TTFT: nothing below delays it
       │ ship task (send thread):
       │   decode.kv_expect(request_id, me) -> pair info    (decode now waits for this transfer)
       │   run_kv_transfer(my blocks -> reservation.block_ids[:n]), decode.kv_receive(ticket)
       │   free my blocks                                   (always: success, failure, cancel)
+      │     (drops this request's references: a prefix block shared with another request stays
+      │      held by it; registered blocks nobody holds stay cached for later prompts)
     yield KVShipped(num_bytes, seconds)     or raise KVTransferError
 
 Cancelling the generator before the first token removes the request at the next step boundary
@@ -110,7 +113,7 @@ class PrefillWorker(BaseWorker):
                 await self._wait_for_work()
                 continue
             try:
-                tokens = await self.run_blocking(self._execute, batch)  # execute
+                tokens = await self.run_step(self._execute, batch)  # execute
             except Exception as exc:  # noqa: BLE001 — fail this step's requests, keep serving
                 self._fail_batch(batch, exc)
                 continue
@@ -134,7 +137,7 @@ class PrefillWorker(BaseWorker):
 
     def _postprocess(self, batch, tokens: list[int | None]) -> None:
         for req, num_new, token in zip(batch.requests, batch.num_new_tokens, tokens):
-            req.num_computed_tokens += num_new
+            self.scheduler.mark_computed(req, num_new)  # (full blocks become shareable: prefix cache)
             if token is None:  # mid-prompt chunk: more next step
                 continue
             req.append_token(token)
@@ -176,7 +179,9 @@ class PrefillWorker(BaseWorker):
                 transfer_id=f"{req.request_id}/{self.worker_id}/{next(self._transfer_ids)}",
                 src_block_ids=block_ids, dst_block_ids=reservation.block_ids[:len(block_ids)],
                 num_tokens=req.num_prompt_tokens)
-            layers = self._faulty(iter_kv_layers(self.runner.kv_cache, block_ids))
+            layers = iter_kv_layers(self.runner.kv_cache, block_ids)
+            if self.faults.enabled:  # (unwrapped, shm gathers straight from the cache into its ring)
+                layers = self._faulty(layers)
             _, received = await self.run_blocking(
                 run_kv_transfer, self.sender, peer_id, meta, layers,
                 lambda ticket: decode.kv_receive.remote(req.request_id, ticket),
@@ -207,9 +212,13 @@ class PrefillWorker(BaseWorker):
     def _make_request(self, request: PrefillRequest, embeddings: list[torch.Tensor]) -> Request:
         if len(embeddings) != len(request.media_offsets):
             raise ValueError(f"{len(embeddings)} embeddings for {len(request.media_offsets)} media offsets")
+        hashes = list(request.media_hashes) or [""] * len(embeddings)  # "": that media is never shared
+        if len(hashes) != len(embeddings):
+            raise ValueError(f"{len(hashes)} media hashes for {len(embeddings)} media items")
         if request.request_id in self._first_token:
             raise ValueError(f"duplicate request id {request.request_id!r}")
-        slots = [MediaSlot(off, emb.to(self.device)) for off, emb in zip(request.media_offsets, embeddings)]
+        slots = [MediaSlot(off, emb.to(self.device), h)
+                 for off, emb, h in zip(request.media_offsets, embeddings, hashes)]
         return Request(request.request_id, list(request.prompt_token_ids), request.sampling, slots,
                        frozenset(request.eos_token_ids))
 
@@ -233,6 +242,9 @@ class PrefillWorker(BaseWorker):
             "num_prefilled": self._num_prefilled,
             "kv_blocks_free": self.blocks.num_free_blocks,
             "kv_blocks_total": self.blocks.num_blocks,
+            "kv_blocks_cached": self.blocks.num_cached_blocks,  # (free, but hold reusable prefix KV)
+            "prefix_cache_query_tokens": self.scheduler.num_prefix_query_tokens,
+            "prefix_cache_hit_tokens": self.scheduler.num_prefix_hit_tokens,
             "kv_transport": self.kv_config.transport,
             "kv_bytes_sent": stats.num_bytes,
             "kv_transfers_ok": stats.num_ok,

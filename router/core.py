@@ -312,7 +312,8 @@ class RouterCore:
         prefill_acct = [(prefill, "inflight_tokens", num_prompt), (prefill, "inflight_requests", 1)]
         for w, attr, n in prefill_acct:
             self._account(st, w, attr, n)
-        request = PrefillRequest(st.request_id, prompt, list(plan.media_offsets), sampling, self.eos_token_ids)
+        request = PrefillRequest(st.request_id, prompt, list(plan.media_offsets), sampling, self.eos_token_ids,
+                                 [d.content_hash for d in st.prepared.media])
         t.setdefault("prefill", time.monotonic())
         st.prefill_gen = prefill.actor.prefill.options(num_returns="streaming").remote(
             request, st.encode_ref, st.reservation)

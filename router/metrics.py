@@ -18,10 +18,11 @@ Where the numbers come from:
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
 
 from cluster.engine.sampling import InvalidRequestError
+from cluster.worker_base import STEP_SECONDS_BUCKETS
 from router.events import DeadlineExceededError, FinalEvent, OverloadedError, RouterError
 
 STAGES = ("queue", "encode", "prefill", "kv_transfer", "decode")
@@ -146,8 +147,13 @@ class _WorkerCollector:
         hits = CounterMetricFamily("tessera_encoder_cache_hits", "Encoder-output cache hits", labels=["worker"])
         misses = CounterMetricFamily("tessera_encoder_cache_misses", "Encoder-output cache misses",
                                      labels=["worker"])
+        prefix_hits = CounterMetricFamily("tessera_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the "
+                                          "prefix cache (prefill and colocated workers)", labels=labels)
+        prefix_queries = CounterMetricFamily("tessera_prefix_cache_query_tokens", "Prompt tokens admitted while "
+                                             "the prefix cache was on (hits + computed)", labels=labels)
         states: dict[tuple[str, str], int] = {}
         num_hits = num_misses = 0
+        steps: dict[str, dict] = {}  # pool -> summed step-time histogram of its workers
         for w in self.controller.workers():
             states[(w.pool, w.state.value)] = states.get((w.pool, w.state.value), 0) + 1
             load, ids = w.load, [w.pool, w.worker_id]
@@ -159,6 +165,11 @@ class _WorkerCollector:
             if "kv_blocks_total" in load:
                 kv_total.add_metric(ids, load["kv_blocks_total"])
                 kv_used.add_metric(ids, load["kv_blocks_total"] - load.get("kv_blocks_free", 0))
+            if "prefix_cache_query_tokens" in load:
+                prefix_hits.add_metric(ids, _first(load, "prefix_cache_hit_tokens"))
+                prefix_queries.add_metric(ids, _first(load, "prefix_cache_query_tokens"))
+            if "step_seconds" in load:
+                _add_steps(steps.setdefault(w.pool, {"buckets": [], "sum": 0.0}), load["step_seconds"])
             if w.pool == "encoder":
                 num_hits += _first(load, "cache_hits")
                 num_misses += _first(load, "cache_misses")
@@ -176,8 +187,26 @@ class _WorkerCollector:
         kv_transfers = CounterMetricFamily("tessera_kv_transfers", "KV transfers by result", labels=["result"])
         kv_transfers.add_metric(["ok"], kv["transfers_completed"])
         kv_transfers.add_metric(["failed"], kv["transfers_failed"])
+        step_seconds = HistogramMetricFamily(
+            "tessera_worker_step_seconds", "Model-step wall time of a pool's workers (decode: one token for the "
+            "whole batch; prefill: one chunk; encoder: one batch), as the workers report it", labels=["pool"])
+        for pool, hist in sorted(steps.items()):
+            cumulative, total = [], 0
+            for bound, count in zip(STEP_SECONDS_BUCKETS + (float("inf"),), hist["buckets"]):
+                total += count
+                cumulative.append((str(bound) if bound != float("inf") else "+Inf", total))
+            step_seconds.add_metric([pool], cumulative, hist["sum"])
         yield from (workers, queued, queued_tokens, running, kv_used, kv_total, hits, misses, hit_rate, kv_bytes,
-                    kv_transfers)
+                    kv_transfers, step_seconds, prefix_hits, prefix_queries)
+
+
+def _add_steps(into: dict, report: dict) -> None:
+    buckets = report.get("buckets") or []
+    if len(into["buckets"]) < len(buckets):
+        into["buckets"] += [0] * (len(buckets) - len(into["buckets"]))
+    for i, count in enumerate(buckets):
+        into["buckets"][i] += count
+    into["sum"] += report.get("sum", 0.0)
 
 
 def _first(load: dict, *keys: str) -> float:

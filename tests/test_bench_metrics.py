@@ -172,6 +172,14 @@ vllm:e2e_request_latency_seconds_bucket{le="1.0",model_name="other \\"x\\""} 1
 vllm:e2e_request_latency_seconds_bucket{le="+Inf",model_name="other \\"x\\""} 1
 vllm:e2e_request_latency_seconds_sum{model_name="m"} 5.0
 vllm:e2e_request_latency_seconds_count{model_name="m"} 4
+tessera_worker_step_seconds_bucket{pool="prefill",le="0.01"} 100
+tessera_worker_step_seconds_bucket{pool="prefill",le="+Inf"} 100
+tessera_worker_step_seconds_sum{pool="prefill"} 0.5
+tessera_worker_step_seconds_count{pool="prefill"} 100
+tessera_worker_step_seconds_bucket{pool="decode",le="0.01"} 3
+tessera_worker_step_seconds_bucket{pool="decode",le="+Inf"} 4
+tessera_worker_step_seconds_sum{pool="decode"} 0.05
+tessera_worker_step_seconds_count{pool="decode"} 4
 """
 
 
@@ -203,3 +211,5 @@ def test_server_latency_is_the_delta_between_scrapes():
     assert ttft_["p50"] == pytest.approx(0.5 + 0.5 / 6)
     assert out["e2e"]["metric"] == "vllm:e2e_request_latency_seconds"
     assert "tpot" not in out
+    step = out["decode_step"]  # only the decode pool's label set, not prefill's
+    assert step["n"] == 4 and step["mean"] == pytest.approx(0.0125) and step["p50"] <= 0.01

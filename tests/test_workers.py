@@ -254,6 +254,38 @@ def test_encoder_cache_hits_on_repeated_image(workers_for, ray_session):
     assert after["num_encoded_items"] - before["num_encoded_items"] == 1
 
 
+def test_prefix_cache_hits_on_repeated_image_and_stays_token_exact(workers_for, ray_session):
+    """The same image again with other text: the prefill worker reuses the KV blocks up to the
+    text (shipping shared blocks, two requests at once too); output equals the reference."""
+    w = workers_for("llava-clip-llama")
+    item = image(77)
+    first = (IMAGE_PROMPT, [item], SamplingParams(max_tokens=8))
+    others = [("USER: <image>\nDescribe it in three words. ASSISTANT:", [item], SamplingParams(max_tokens=8)),
+              ("USER: <image>\nWhich colour is most common? ASSISTANT:", [item], SamplingParams(max_tokens=6))]
+    expected = reference_tokens(w, [first] + others)
+    before = load(ray_session, w.prefill)
+    assert asyncio.run(run_request(w, *first)).token_ids == expected[0]
+    after_first = load(ray_session, w.prefill)
+
+    async def both():
+        return await asyncio.gather(*(run_request(w, *r) for r in others))
+
+    traces = asyncio.run(both())
+    after = load(ray_session, w.prefill)
+    assert [t.token_ids for t in traces] == expected[1:]
+    ids = [w.reference.inputs.prepare("x", p, m, s).plan.prompt_token_ids for p, m, s in [first] + others]
+    common = [next(i for i, (a, b) in enumerate(zip(ids[0], other)) if a != b) for other in ids[1:]]
+    assert all(n > 256 for n in common)  # image placeholders (same ids, same content hash) and more
+    block = w.engine_config.block_size
+    shared = sum(n // block * block for n in common)  # full blocks up to where the text differs
+    assert after_first["prefix_cache_hit_tokens"] == before["prefix_cache_hit_tokens"]  # a new image
+    assert after["prefix_cache_hit_tokens"] - after_first["prefix_cache_hit_tokens"] == shared
+    assert after["prefix_cache_query_tokens"] > after_first["prefix_cache_query_tokens"]
+    assert after["kv_blocks_free"] == after["kv_blocks_total"] and after["kv_blocks_cached"] > 0
+    dec = load(ray_session, w.decode)
+    assert dec["kv_blocks_free"] == dec["kv_blocks_total"]
+
+
 def test_abort_running_decode_frees_blocks(workers_for, ray_session):
     w = workers_for("llava-clip-llama")
     dec = w.decode

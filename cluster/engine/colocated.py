@@ -154,7 +154,8 @@ class ColocatedEngine:
             items = [p.media[i] for p in pending for i, m in enumerate(p.media) if m.modality == modality]
             embeddings.update(zip(keys, self.encoder.encode(items)))
         for p in pending:
-            slots = [MediaSlot(off, embeddings[(p.request_id, i)]) for i, off in enumerate(p.plan.media_offsets)]
+            slots = [MediaSlot(off, embeddings[(p.request_id, i)], p.media[i].content_hash)
+                     for i, off in enumerate(p.plan.media_offsets)]
             req = Request(p.request_id, p.plan.prompt_token_ids, p.sampling, slots, self.eos_token_ids)
             self._requests[req.request_id] = req
             self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, p.sampling.stop)
@@ -163,7 +164,7 @@ class ColocatedEngine:
     def _postprocess(self, requests: list[Request], num_new: list[int], tokens: list[int | None]):
         outputs = []
         for req, n, tok in zip(requests, num_new, tokens):
-            req.num_computed_tokens += n
+            self.scheduler.mark_computed(req, n)  # (full blocks become shareable)
             if tok is None:
                 continue
             req.append_token(tok)

@@ -11,6 +11,8 @@ scheduled request: a prefill chunk (n up to the token budget) or one decode toke
 same operation. When a step reaches the end of ``all_token_ids`` a token is sampled and appended.
 A request that arrives with its KV already computed elsewhere (disaggregated decode) starts in
 RUNNING with ``num_computed_tokens = len(prompt)`` and its first token in ``output_token_ids``.
+With prefix caching, admission may start it at ``num_computed_tokens = num_cached_tokens > 0``:
+its first blocks are shared, already computed blocks of earlier requests with the same prefix.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ class MediaSlot:
 
     offset: int  # index of its first placeholder token in prompt_token_ids
     embeddings: torch.Tensor  # [num_tokens, lm_hidden], on the LM's device/dtype
+    # hex digest of the media bytes + preprocessing params (DecodedMedia.content_hash): what the
+    # prefix cache tells two images apart by; "" (unknown): no KV block from this item on is shared
+    content_hash: str = ""
 
     @property
     def length(self) -> int:
@@ -59,6 +64,9 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in this worker's cache
+    num_cached_tokens: int = 0  # of those, taken from the prefix cache at (the last) admission
+    block_hashes: list[bytes] = field(default_factory=list)  # chain hash per full block (block_hash.py)
+    num_registered_blocks: int = 0  # leading block_ids offered to the prefix cache so far
     status: RequestStatus = RequestStatus.WAITING
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None

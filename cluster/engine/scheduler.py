@@ -9,6 +9,20 @@ One policy for every engine role (vLLM v1 style, token-budgeted):
    allow; a request is admitted with blocks for its whole prompt, so an admitted prefill can never
    stall for lack of blocks.
 
+Prefix caching (``enable_prefix_caching``): once a step has computed a FULL block, ``mark_computed``
+registers it under its chain hash (``block_hash.py``: tokens + media content hashes + the hash of
+everything before it). Admission looks the prompt's block hashes up; the longest run of known
+blocks becomes the request's first blocks (shared, read-only) and its ``num_computed_tokens``::
+
+    prompt   [ blk 0 | blk 1 | blk 2 | blk 3 |  tail  ]
+    cached   [  A    |  B    |  C    ]                     A, B, C: shared (ref count + 1)
+    computed                          [ blk 3 |  tail  ]  new private blocks; the last prompt
+                                                           token is always computed (its logits)
+
+The run is capped at ``(num_tokens - 1) // block_size`` blocks, so at least one token is left to
+compute; a request only ever writes into its private blocks. Freeing drops references; a
+registered block nobody holds stays cached (evictable, LRU) in the ``BlockManager``.
+
 Decode rows come first in the batch and prefill rows after, so attention can treat the
 single-token rows as one group (see ``models/paged_attention.py``).
 """
@@ -18,6 +32,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from cluster.engine.block_hash import extend_block_hashes
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.request import Request, RequestStatus
 
@@ -27,6 +42,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # requests in the running batch
     max_num_batched_tokens: int = 2048  # new tokens per step (prefill chunk size bound)
     max_model_len: int = 4096  # prompt + output tokens of one request
+    enable_prefix_caching: bool = False  # share computed full KV blocks between requests with the same prefix
 
 
 @dataclass
@@ -48,6 +64,9 @@ class Scheduler:
         self.blocks = block_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # Prefix cache counters (admissions with prefix caching on, re-admissions included):
+        self.num_prefix_query_tokens = 0  # tokens of the admitted requests
+        self.num_prefix_hit_tokens = 0  # of those, served from cached blocks
 
     # -- queue management -------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -103,10 +122,13 @@ class Scheduler:
         # 3: admit waiting requests FCFS.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            needed = self.blocks.blocks_for_tokens(req.num_tokens) - len(req.block_ids)
-            if not self.blocks.can_allocate(needed):
+            cached = self._cached_prefix(req)
+            needed = self.blocks.blocks_for_tokens(req.num_tokens) - len(req.block_ids) - len(cached)
+            if not self.blocks.can_allocate(needed, sharing=cached):
                 break
             self.waiting.popleft()
+            if self.config.enable_prefix_caching and not req.block_ids:
+                self._take_cached_prefix(req, cached)
             self.blocks.grow(req.block_ids, req.num_tokens)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -120,6 +142,38 @@ class Scheduler:
             requests=decodes + [r for r, _ in prefills],
             num_new_tokens=[1] * len(decodes) + [n for _, n in prefills],
         )
+
+    # -- step results ------------------------------------------------------------------------
+    def mark_computed(self, req: Request, num_new_tokens: int) -> None:
+        """Record a step's result: ``num_new_tokens`` more of ``req``'s tokens have KV now. With
+        prefix caching, the full blocks the step completed are registered for others to share."""
+        req.num_computed_tokens += num_new_tokens
+        if not self.config.enable_prefix_caching:
+            return
+        size = self.blocks.block_size
+        extend_block_hashes(req, size, req.num_computed_tokens)
+        num_full = min(len(req.block_hashes), req.num_computed_tokens // size)  # hashes may stop early (media)
+        for i in range(req.num_registered_blocks, num_full):
+            self.blocks.register(req.block_ids[i], req.block_hashes[i])
+        req.num_registered_blocks = max(req.num_registered_blocks, num_full)
+
+    # -- prefix cache ------------------------------------------------------------------------
+    def _cached_prefix(self, req: Request) -> list[int]:
+        """Cached blocks matching the longest run of ``req``'s full blocks, leaving >= 1 token."""
+        if not self.config.enable_prefix_caching or req.block_ids:
+            return []
+        size = self.blocks.block_size
+        max_blocks = (req.num_tokens - 1) // size  # the last token is always computed: its logits
+        extend_block_hashes(req, size, max_blocks * size)
+        return self.blocks.lookup(req.block_hashes[:max_blocks])
+
+    def _take_cached_prefix(self, req: Request, cached: list[int]) -> None:
+        self.blocks.share(cached)
+        req.block_ids = list(cached)
+        req.num_computed_tokens = req.num_cached_tokens = len(cached) * self.blocks.block_size
+        req.num_registered_blocks = len(cached)
+        self.num_prefix_query_tokens += req.num_tokens
+        self.num_prefix_hit_tokens += req.num_cached_tokens
 
     def _reserve(self, req: Request, num_tokens: int) -> bool:
         """Make ``req`` hold blocks for ``num_tokens``, preempting the newest running requests
@@ -136,7 +190,7 @@ class Scheduler:
         self.running.remove(req)
         self.blocks.free(req.block_ids)
         req.block_ids = []
-        req.num_computed_tokens = 0  # recompute prompt + outputs so far when readmitted
+        req.num_computed_tokens = req.num_registered_blocks = 0  # recompute prompt + outputs so far when readmitted
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)

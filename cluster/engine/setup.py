@@ -2,6 +2,9 @@
 prefill and decode workers, so every LM engine sizes its KV cache and context the same way.
 
     lm = build_lm_engine(config, model)   # runner (owns the KV cache), blocks, scheduler, max_model_len
+
+Prefix caching follows ``config.enable_prefix_caching`` unless the caller turns it off (decode
+workers receive KV into reserved blocks and never look a prefix up).
 """
 
 from __future__ import annotations
@@ -63,12 +66,13 @@ class LMEngine:
     max_model_len: int
 
 
-def build_lm_engine(config: EngineConfig, model: MultimodalModel) -> LMEngine:
+def build_lm_engine(config: EngineConfig, model: MultimodalModel, *, prefix_caching: bool = True) -> LMEngine:
     lm = model.language_model
     num_blocks = num_kv_blocks(config, lm)
     runner = ModelRunner(lm, num_blocks, config.block_size, config.torch_dtype, config.device)
     max_model_len = resolve_max_model_len(config, model.text_config, num_blocks)
     blocks = BlockManager(num_blocks, config.block_size)
     scheduler = Scheduler(
-        SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len), blocks)
+        SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len,
+                        enable_prefix_caching=prefix_caching and config.enable_prefix_caching), blocks)
     return LMEngine(runner, blocks, scheduler, max_model_len)
