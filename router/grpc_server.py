@@ -4,8 +4,8 @@ from ``RouterCore``, plus the standard health service and server reflection.
 Status codes: ``InvalidRequestError`` and a request that does not parse
 (``MalformedRequestInterceptor``) -> INVALID_ARGUMENT, a message over ``router.max_message_mb``
 (grpc's own check) and ``OverloadedError`` -> RESOURCE_EXHAUSTED, ``WorkerUnavailableError`` ->
-UNAVAILABLE, ``DeadlineExceededError`` -> DEADLINE_EXCEEDED. After the first token a failure ends
-the stream with a final message instead (``FINISH_REASON_ERROR``). The client's deadline and
+UNAVAILABLE, ``DeadlineExceededError`` -> DEADLINE_EXCEEDED, also after tokens were streamed (a
+worker failure the core could not retry or migrate ends the stream with UNAVAILABLE). The client's deadline and
 cancellation reach the core (which lets every stage go of the request). With ``router.api_keys``
 set, every Tessera method needs ``authorization: Bearer <key>`` metadata (UNAUTHENTICATED
 otherwise; ``ApiKeyInterceptor``); health and reflection stay open. With
