@@ -3,15 +3,17 @@
 Both ends are real processes on their own cores, driven through ``cluster.kv_transfer`` exactly
 as the workers use it:
 
-* gloo (rendezvous): a sender and a receiver ``EndpointProcess`` (spawned children, pinned);
-  the time of one transfer is the sender's ``send`` (gather, wire, the receiver's scatter, ack).
+* gloo and shm (rendezvous): a sender and a receiver ``EndpointProcess`` (spawned children,
+  pinned); the time of one transfer is the sender's ``send`` (gather, wire, the receiver's
+  scatter, ack).
 * ray (handoff): two Ray actors; ``send`` (``ray.put`` per layer) then ``recv`` (``ray.get`` +
   scatter), timed inside the actors and added.
 * memcpy: ``torch`` ``copy_`` of the same number of bytes on one core (one thread), the bound a
   single-core transport is measured against.
 
 Bandwidth is payload bytes / seconds (median of ``repeats`` after one warm-up transfer, which
-also builds the pair's communicator).
+also builds the pair's communicator). Every endpoint runs as many torch threads as it has cores,
+as a worker does (``torch_threads``): more threads than cores makes each copy wait on the others.
 """
 
 from __future__ import annotations
@@ -56,29 +58,39 @@ def _metas(spec: CacheSpec, num_blocks: int, tag: str, repeats: int):
             for i in range(repeats + 1)]
 
 
-def gloo_gbps(block_counts: list[int], repeats: int, send_cores: list[int], recv_cores: list[int],
-              timeout_s: float = 120.0) -> list[dict[str, Any]]:
+def rendezvous_gbps(transport: str, block_counts: list[int], repeats: int, send_cores: list[int],
+                    recv_cores: list[int], timeout_s: float = 120.0) -> list[dict[str, Any]]:
     spec = replace(CACHE, num_blocks=max(block_counts))
     rows = []
-    with EndpointProcess("receiver", "gloo", "bench-decode", replace(spec, seed=1), timeout_s=timeout_s) as recv, \
-            EndpointProcess("sender", "gloo", "bench-prefill", spec, timeout_s=timeout_s) as send:
+    with EndpointProcess("receiver", transport, "bench-decode", replace(spec, seed=1), timeout_s=timeout_s,
+                         torch_threads=len(recv_cores)) as recv, \
+            EndpointProcess("sender", transport, "bench-prefill", spec, timeout_s=timeout_s,
+                            torch_threads=len(send_cores)) as send:
         pin_process(recv.process.pid, recv_cores)
         pin_process(send.process.pid, send_cores)
         info = recv.call("info")["info"]
         assert send.call("connect", peer_id="bench-decode", info=info)["ok"]
         for n in block_counts:
             times = []
-            for i, meta in enumerate(_metas(spec, n, f"gloo-{n}", repeats)):
-                recv.request("recv", ticket=KVTicket("gloo", "bench-prefill", "bench-decode", meta),
+            for i, meta in enumerate(_metas(spec, n, f"{transport}-{n}", repeats)):
+                recv.request("recv", ticket=KVTicket(transport, "bench-prefill", "bench-decode", meta),
                              timeout_s=timeout_s)
                 send.request("send", peer_id="bench-decode", meta=meta, timeout_s=timeout_s)
                 sent, got = send.reply(timeout_s + 30), recv.reply(timeout_s + 30)
                 if not (sent["ok"] and got["ok"]):
-                    raise RuntimeError(f"gloo transfer failed: {sent.get('error') or got.get('error')}")
+                    raise RuntimeError(f"{transport} transfer failed: {sent.get('error') or got.get('error')}")
                 if i:  # the first one is the warm-up (and builds the communicator)
                     times.append(sent["elapsed_s"])
             rows.append(_row(n, times))
     return rows
+
+
+def gloo_gbps(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    return rendezvous_gbps("gloo", *args, **kwargs)
+
+
+def shm_gbps(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    return rendezvous_gbps("shm", *args, **kwargs)
 
 
 class TimedKVEndpoint(KVEndpoint):
@@ -86,6 +98,7 @@ class TimedKVEndpoint(KVEndpoint):
 
     def pin(self, cores: list[int]) -> None:
         pin_self(cores)
+        torch.set_num_threads(len(cores))
 
     def timed_send(self, peer_id: str, meta) -> tuple[Any, float]:
         start = time.perf_counter()
@@ -136,4 +149,4 @@ def _row(num_blocks: int, times: list[float]) -> dict[str, Any]:
             "repeats": len(times)}
 
 
-TRANSPORTS = {"gloo": gloo_gbps, "ray": ray_gbps}
+TRANSPORTS = {"gloo": gloo_gbps, "shm": shm_gbps, "ray": ray_gbps}

@@ -223,8 +223,9 @@ class PoolsConfig(_Closed):
 class KVTransferConfig(_Closed):
     """How prefill workers ship KV caches to decode workers."""
 
-    transport: Literal["gloo", "ray", "nccl"] = Field(
-        "gloo", description="gloo: CPU sockets, ray: Ray object store, nccl: GPU (needs nvidia-nccl-cu12)")
+    transport: Literal["gloo", "shm", "ray", "nccl"] = Field(
+        "gloo", description="gloo: CPU sockets, any nodes; shm: shared memory, prefill and decode workers on one "
+                            "host (the fastest on CPU); ray: Ray object store; nccl: GPU (needs nvidia-nccl-cu12)")
     timeout_s: float = Field(30.0, gt=0, le=3600, description="deadline of one request's whole KV transfer, seconds")
     interface: str = Field(
         "127.0.0.1", min_length=1,
@@ -358,7 +359,7 @@ class ClusterConfig(_Closed):
                     f"engine.device is cuda but pools {cpu_only} ask Ray for no GPU (num_gpus: 0), and Ray hides "
                     f"GPUs from such workers; set pools.<name>.num_gpus (fractions share a GPU, e.g. 0.3)")
         if self.kv_transfer.transport == "nccl" and self.engine.device != "cuda":
-            raise ValueError("kv_transfer.transport nccl needs engine.device cuda; use gloo or ray on CPU")
+            raise ValueError("kv_transfer.transport nccl needs engine.device cuda; use gloo, shm or ray on CPU")
         return self
 
     @classmethod

@@ -1,4 +1,7 @@
-"""KV transfer on CPU: contracts, the fake, gloo between two real processes, Ray between actors."""
+"""KV transfer on CPU: contracts, the fake, gloo and shm between two real processes, Ray between actors.
+
+shm-only behaviour (ring lifetime, host and ring checks, a dying sender): tests/test_kv_transfer_shm.py.
+"""
 
 from __future__ import annotations
 
@@ -120,173 +123,179 @@ def test_run_kv_transfer_starts_recv_first_for_rendezvous_transports():
     assert handle.meta == meta and handle.sender_id == "x" and handle.receiver_id == "d"
 
 
-# -- gloo between two processes ----------------------------------------------------------------
+# -- rendezvous transports (gloo, shm) between two processes -----------------------------------
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
-def gloo_sender(request):
-    """A prefill-side gloo sender in a spawned child with its own seeded cache."""
-    spec = CacheSpec(dtype=request.param, seed=0)
-    with EndpointProcess("sender", "gloo", SENDER_ID, spec, timeout_s=10.0) as proc:
+@pytest.fixture(scope="module", params=[(t, d) for t in ("gloo", "shm") for d in ("float32", "bfloat16")],
+                ids=lambda p: "-".join(p))
+def rdv_sender(request):
+    """A prefill-side sender of a rendezvous transport in a spawned child with its own seeded cache."""
+    transport, dtype = request.param
+    spec = CacheSpec(dtype=dtype, seed=0)
+    with EndpointProcess("sender", transport, SENDER_ID, spec, timeout_s=10.0) as proc:
         proc.spec = spec
         yield proc
 
 
 @pytest.fixture
-def gloo_receiver(gloo_sender):
+def rdv_receiver(rdv_sender):
     """A fresh decode-side receiver in this process (a new store: the sender re-connects)."""
-    spec = CacheSpec(dtype=gloo_sender.spec.dtype, seed=1)
-    endpoint = KVEndpoint("receiver", "gloo", RECEIVER_ID, asdict(spec), timeout_s=10.0)
-    assert gloo_sender.call("connect", peer_id=RECEIVER_ID, info=endpoint.receiver.prepare_pair(SENDER_ID))["ok"]
+    spec = CacheSpec(dtype=rdv_sender.spec.dtype, seed=1)
+    endpoint = KVEndpoint("receiver", rdv_sender.transport, RECEIVER_ID, asdict(spec), timeout_s=10.0)
+    assert rdv_sender.call("connect", peer_id=RECEIVER_ID, info=endpoint.receiver.prepare_pair(SENDER_ID))["ok"]
     yield endpoint
     endpoint.close()
+
+
+def ticket_of(sender: EndpointProcess, meta: KVTransferMeta) -> KVTicket:
+    return KVTicket(sender.transport, SENDER_ID, RECEIVER_ID, meta)
 
 
 def transfer(sender: EndpointProcess, receiver: KVEndpoint, meta: KVTransferMeta, recv_timeout_s=10.0, **send_opts):
     """Sender in the child and receiver here, concurrently. Returns (send reply, recv bytes or error)."""
     sender.request("send", peer_id=RECEIVER_ID, meta=meta, **send_opts)
     try:
-        got = receiver.recv(KVTicket("gloo", SENDER_ID, RECEIVER_ID, meta), recv_timeout_s)
+        got = receiver.recv(ticket_of(sender, meta), recv_timeout_s)
     except KVTransferError as e:
         got = e
     return sender.reply(30.0), got
 
 
 @pytest.mark.timeout(60)
-def test_gloo_moves_blocks_exactly(gloo_sender, gloo_receiver):
-    before = gloo_receiver.kv.clone()
-    meta = make_meta(gloo_sender.spec, "t-exact")
-    reply, got = transfer(gloo_sender, gloo_receiver, meta)
+def test_rendezvous_moves_blocks_exactly(rdv_sender, rdv_receiver):
+    before = rdv_receiver.kv.clone()
+    meta = make_meta(rdv_sender.spec, "t-exact")
+    reply, got = transfer(rdv_sender, rdv_receiver, meta)
     assert reply["ok"], reply
     assert got == reply["num_bytes"] == meta.num_bytes
-    assert_landed(gloo_sender.spec.make(), gloo_receiver.kv, before, SRC_BLOCKS, DST_BLOCKS)
-    assert gloo_receiver.receiver.transfer_state("t-exact") is KVTransferState.SUCCESS
+    assert_landed(rdv_sender.spec.make(), rdv_receiver.kv, before, SRC_BLOCKS, DST_BLOCKS)
+    assert rdv_receiver.receiver.transfer_state("t-exact") is KVTransferState.SUCCESS
 
 
 @pytest.mark.timeout(60)
-def test_gloo_consecutive_transfers_reuse_the_pair(gloo_sender, gloo_receiver):
-    before = gloo_receiver.kv.clone()
-    setups_before = gloo_sender.call("stats")["stats"]["num_pair_setups"]
+def test_rendezvous_consecutive_transfers_reuse_the_pair(rdv_sender, rdv_receiver):
+    before = rdv_receiver.kv.clone()
+    setups_before = rdv_sender.call("stats")["stats"]["num_pair_setups"]
     for i, (src, dst) in enumerate([((1, 2), (4, 5)), ((6, 7, 8), (10, 11, 12))]):
-        reply, got = transfer(gloo_sender, gloo_receiver, make_meta(gloo_sender.spec, f"t-reuse-{i}", src, dst))
+        reply, got = transfer(rdv_sender, rdv_receiver, make_meta(rdv_sender.spec, f"t-reuse-{i}", src, dst))
         assert reply["ok"] and got == reply["num_bytes"]
-    assert_landed(gloo_sender.spec.make(), gloo_receiver.kv, before, (1, 2, 6, 7, 8), (4, 5, 10, 11, 12))
-    stats = gloo_receiver.stats()
+    assert_landed(rdv_sender.spec.make(), rdv_receiver.kv, before, (1, 2, 6, 7, 8), (4, 5, 10, 11, 12))
+    stats = rdv_receiver.stats()
     assert stats["num_pair_setups"] == 1 and stats["num_ok"] == 2 and stats["num_pairs"] == 1
-    assert gloo_sender.call("stats")["stats"]["num_pair_setups"] == setups_before + 1
+    assert rdv_sender.call("stats")["stats"]["num_pair_setups"] == setups_before + 1
 
 
 @pytest.mark.timeout(60)
-def test_gloo_recv_without_sender_times_out_then_next_transfer_works(gloo_sender, gloo_receiver):
-    spec = gloo_sender.spec
-    ticket = KVTicket("gloo", SENDER_ID, RECEIVER_ID, make_meta(spec, "t-nobody"))
+def test_rendezvous_recv_without_sender_times_out_then_next_transfer_works(rdv_sender, rdv_receiver):
+    spec = rdv_sender.spec
+    ticket = ticket_of(rdv_sender, make_meta(spec, "t-nobody"))
     t0 = time.monotonic()
     with pytest.raises(KVTransferTimeout):
-        gloo_receiver.recv(ticket, timeout_s=1.0)
+        rdv_receiver.recv(ticket, timeout_s=1.0)
     assert time.monotonic() - t0 < 3.0
-    assert gloo_receiver.receiver.transfer_state("t-nobody") is KVTransferState.FAILED
+    assert rdv_receiver.receiver.transfer_state("t-nobody") is KVTransferState.FAILED
 
-    before = gloo_receiver.kv.clone()
-    reply, got = transfer(gloo_sender, gloo_receiver, make_meta(spec, "t-after-timeout"))
+    before = rdv_receiver.kv.clone()
+    reply, got = transfer(rdv_sender, rdv_receiver, make_meta(spec, "t-after-timeout"))
     assert reply["ok"] and got == reply["num_bytes"]
-    assert_landed(spec.make(), gloo_receiver.kv, before, SRC_BLOCKS, DST_BLOCKS)
-    assert gloo_receiver.stats()["num_failed"] == 1
+    assert_landed(spec.make(), rdv_receiver.kv, before, SRC_BLOCKS, DST_BLOCKS)
+    assert rdv_receiver.stats()["num_failed"] == 1
 
 
 @pytest.mark.timeout(60)
-def test_gloo_stalled_sender_fails_both_sides_and_pair_is_recreated(gloo_sender, gloo_receiver):
-    spec = gloo_sender.spec
+def test_rendezvous_stalled_sender_fails_both_sides_and_pair_is_recreated(rdv_sender, rdv_receiver):
+    spec = rdv_sender.spec
     # Prefill stalls after layer 1 for longer than the receiver waits: the receiver times out
     # mid-transfer and drops the pair; the sender then fails too (peer gone or no ack).
     meta = make_meta(spec, "t-stall")
     t0 = time.monotonic()
-    reply, got = transfer(gloo_sender, gloo_receiver, meta, recv_timeout_s=1.5,
+    reply, got = transfer(rdv_sender, rdv_receiver, meta, recv_timeout_s=1.5,
                           stall_after=1, stall_s=2.5, timeout_s=5.0)
     assert isinstance(got, KVTransferTimeout) and time.monotonic() - t0 < 8.0
     assert not reply["ok"], reply
-    assert gloo_receiver.stats()["num_pairs"] == 0
+    assert rdv_receiver.stats()["num_pairs"] == 0
 
-    before = gloo_receiver.kv.clone()
-    reply, got = transfer(gloo_sender, gloo_receiver, make_meta(spec, "t-after-stall"))
+    before = rdv_receiver.kv.clone()
+    reply, got = transfer(rdv_sender, rdv_receiver, make_meta(spec, "t-after-stall"))
     assert reply["ok"] and got == reply["num_bytes"]
-    assert_landed(spec.make(), gloo_receiver.kv, before, SRC_BLOCKS, DST_BLOCKS)
-    assert gloo_receiver.stats()["num_pair_setups"] == 2
+    assert_landed(spec.make(), rdv_receiver.kv, before, SRC_BLOCKS, DST_BLOCKS)
+    assert rdv_receiver.stats()["num_pair_setups"] == 2
 
 
 @pytest.mark.timeout(60)
-def test_gloo_header_mismatch_fails_cleanly(gloo_sender, gloo_receiver):
-    spec = gloo_sender.spec
-    before = gloo_receiver.kv.clone()
+def test_rendezvous_header_mismatch_fails_cleanly(rdv_sender, rdv_receiver):
+    spec = rdv_sender.spec
+    before = rdv_receiver.kv.clone()
     sent = make_meta(spec, "t-mismatch")
     expected = make_meta(spec, "t-mismatch", dst=(2, 4, 6, 8, 10))  # same id, other reservation
-    gloo_sender.request("send", peer_id=RECEIVER_ID, meta=sent, timeout_s=10.0)
+    rdv_sender.request("send", peer_id=RECEIVER_ID, meta=sent, timeout_s=10.0)
     with pytest.raises(KVTransferError, match="header mismatch"):
-        gloo_receiver.recv(KVTicket("gloo", SENDER_ID, RECEIVER_ID, expected), 10.0)
-    reply = gloo_sender.reply(30.0)
+        rdv_receiver.recv(ticket_of(rdv_sender, expected), 10.0)
+    reply = rdv_sender.reply(30.0)
     assert not reply["ok"] and reply["elapsed_s"] < 5.0  # the receiver's abort reached it at once
-    assert torch.equal(gloo_receiver.kv, before)  # nothing landed
+    assert torch.equal(rdv_receiver.kv, before)  # nothing landed
 
-    reply, got = transfer(gloo_sender, gloo_receiver, make_meta(spec, "t-after-mismatch"))
+    reply, got = transfer(rdv_sender, rdv_receiver, make_meta(spec, "t-after-mismatch"))
     assert reply["ok"] and got == reply["num_bytes"]
 
 
 @pytest.mark.timeout(60)
-def test_gloo_prefill_failure_mid_transfer_fails_receiver_fast(gloo_sender, gloo_receiver):
-    spec = gloo_sender.spec
+def test_rendezvous_prefill_failure_mid_transfer_fails_receiver_fast(rdv_sender, rdv_receiver):
+    spec = rdv_sender.spec
     t0 = time.monotonic()
-    reply, got = transfer(gloo_sender, gloo_receiver, make_meta(spec, "t-crash"), recv_timeout_s=10.0, fail_after=2)
+    reply, got = transfer(rdv_sender, rdv_receiver, make_meta(spec, "t-crash"), recv_timeout_s=10.0, fail_after=2)
     assert not reply["ok"] and "PrefillCrashed" in reply["error"]
     assert isinstance(got, KVTransferError) and not isinstance(got, KVTransferTimeout)
     assert time.monotonic() - t0 < 5.0
 
-    reply, got = transfer(gloo_sender, gloo_receiver, make_meta(spec, "t-after-crash"))
+    reply, got = transfer(rdv_sender, rdv_receiver, make_meta(spec, "t-after-crash"))
     assert reply["ok"] and got == reply["num_bytes"]
 
 
 @pytest.mark.timeout(60)
-def test_gloo_sender_gives_up_and_late_receiver_fails_fast(gloo_sender, gloo_receiver):
+def test_rendezvous_sender_gives_up_and_late_receiver_fails_fast(rdv_sender, rdv_receiver):
     """No recv comes in time: the sender times out setting up the pair and leaves word for the
     receiver, whose late recv then fails at once instead of waiting out its deadline."""
-    spec = gloo_sender.spec
-    gloo_receiver.receiver.abort()  # force a pair setup, which needs the receiver
+    spec = rdv_sender.spec
+    rdv_receiver.receiver.abort()  # force a pair setup, which needs the receiver
     meta = make_meta(spec, "t-late")
-    reply = gloo_sender.call("send", peer_id=RECEIVER_ID, meta=meta, timeout_s=1.0)
+    reply = rdv_sender.call("send", peer_id=RECEIVER_ID, meta=meta, timeout_s=1.0)
     assert not reply["ok"] and reply["timeout"], reply
     t0 = time.monotonic()
     with pytest.raises(KVTransferError, match="sender gave up"):
-        gloo_receiver.recv(KVTicket("gloo", SENDER_ID, RECEIVER_ID, meta), 10.0)
+        rdv_receiver.recv(ticket_of(rdv_sender, meta), 10.0)
     assert time.monotonic() - t0 < 2.0
 
-    reply, got = transfer(gloo_sender, gloo_receiver, make_meta(spec, "t-after-late"))
+    reply, got = transfer(rdv_sender, rdv_receiver, make_meta(spec, "t-after-late"))
     assert reply["ok"] and got == reply["num_bytes"]
 
 
 @pytest.mark.timeout(60)
-def test_gloo_receiver_threads_started_out_of_order(gloo_sender, gloo_receiver):
+def test_rendezvous_receiver_threads_started_out_of_order(rdv_sender, rdv_receiver):
     """Two transfers queued on one pair; the decode side starts B's recv before A's."""
-    spec = gloo_sender.spec
+    spec = rdv_sender.spec
     metas = [make_meta(spec, "t-A", (1, 2), (3, 4)), make_meta(spec, "t-B", (5, 6, 7), (8, 9, 10))]
     results: dict[str, object] = {}
 
     def recv(meta):
         try:
-            results[meta.transfer_id] = gloo_receiver.recv(KVTicket("gloo", SENDER_ID, RECEIVER_ID, meta), 15.0)
+            results[meta.transfer_id] = rdv_receiver.recv(ticket_of(rdv_sender, meta), 15.0)
         except KVTransferError as e:
             results[meta.transfer_id] = e
 
-    before = gloo_receiver.kv.clone()
+    before = rdv_receiver.kv.clone()
     threads = [threading.Thread(target=recv, args=(m,)) for m in reversed(metas)]
     for t in threads:
         t.start()
         time.sleep(0.2)
     for meta in metas:  # the child runs them one after the other, A first
-        gloo_sender.request("send", peer_id=RECEIVER_ID, meta=meta)
-    replies = [gloo_sender.reply(30.0) for _ in metas]
+        rdv_sender.request("send", peer_id=RECEIVER_ID, meta=meta)
+    replies = [rdv_sender.reply(30.0) for _ in metas]
     for t in threads:
         t.join(20.0)
     assert all(r["ok"] for r in replies), replies
     assert results == {m.transfer_id: m.num_bytes for m in metas}
-    assert_landed(spec.make(), gloo_receiver.kv, before, (1, 2, 5, 6, 7), (3, 4, 8, 9, 10))
+    assert_landed(spec.make(), rdv_receiver.kv, before, (1, 2, 5, 6, 7), (3, 4, 8, 9, 10))
 
 
 # -- Ray object store between two actors ----------------------------------------------------------

@@ -88,27 +88,28 @@ class Workers:
 
 @pytest.fixture(scope="module")
 def workers_for(ray_session, tiny_models):
-    """arch -> Workers; one architecture's actors alive at a time (2-core machines)."""
+    """(arch, transport) -> Workers; one set of actors alive at a time (2-core machines)."""
     torch.set_num_threads(1)  # the reference engine in this process: oversubscription is ~30x slower
-    current: dict[str, Workers] = {}
-    transports = {"llava-clip-llama": "gloo", "qwen2-audio": "ray"}  # both CPU transports covered
+    current: dict[tuple[str, str], Workers] = {}
+    transports = {"llava-clip-llama": "gloo", "qwen2-audio": "ray"}  # the default of each; shm has its own test
 
-    def get(arch: str) -> Workers:
-        if arch in current:
-            return current[arch]
+    def get(arch: str, transport: str | None = None) -> Workers:
+        key = (arch, transport or transports[arch])
+        if key in current:
+            return current[key]
         for old in current.values():
             old.kill(ray_session)
         current.clear()
         config = EngineConfig(model=str(tiny_models[arch]), kv_cache_memory_gb=0.02)
-        kv = KVTransferConfig(transport=transports[arch], timeout_s=20)
+        kv = KVTransferConfig(transport=key[1], timeout_s=20)
         enc = start_worker(EncoderWorker, POOL, config, f"{arch}-encoder-0")
         pre = start_worker(PrefillWorker, POOL, config, f"{arch}-prefill-0", kv_transfer=kv)
         dec = start_worker(DecodeWorker, POOL, config, f"{arch}-decode-0", kv_transfer=kv)
         reference = ColocatedEngine(config)
         infos = ray_session.get([a.ready.remote() for a in (enc, pre, dec)], timeout=180)
         assert [i.pool for i in infos] == ["encoder", "prefill", "decode"]
-        current[arch] = Workers(arch, config, reference, enc, pre, dec)
-        return current[arch]
+        current[key] = Workers(arch, config, reference, enc, pre, dec)
+        return current[key]
 
     yield get
     for old in current.values():
@@ -142,7 +143,8 @@ async def run_request(w: Workers, prompt: str, media: list[MediaInput], sampling
     reservation: Reservation = await w.decode.reserve.remote(rid, len(plan.prompt_token_ids), sampling.max_tokens)
     stage["reserve"] = time.perf_counter() - t0
     stream = w.prefill.prefill.options(num_returns="streaming").remote(
-        PrefillRequest(rid, plan.prompt_token_ids, plan.media_offsets, sampling, eos), embeddings, reservation)
+        PrefillRequest(rid, plan.prompt_token_ids, plan.media_offsets, sampling, eos,
+                       [d.content_hash for d in prepared.media]), embeddings, reservation)
     events, times = [], []
     async for ref in stream:
         events.append(await ref)
@@ -191,8 +193,8 @@ AUDIO_CASES = {
 }
 
 
-def check_greedy_equals_colocated(workers_for, ray_session, arch, cases):
-    w = workers_for(arch)
+def check_greedy_equals_colocated(workers_for, ray_session, arch, cases, transport=None):
+    w = workers_for(arch, transport)
     before_sent = load(ray_session, w.prefill)["kv_bytes_sent"]
     before_recv = load(ray_session, w.decode)["kv_bytes_received"]
     expected = reference_tokens(w, list(cases.values()))
@@ -209,6 +211,7 @@ def check_greedy_equals_colocated(workers_for, ray_session, arch, cases):
               + f" kv={kv.num_bytes}B/{kv.seconds * 1e3:.1f}ms prefill={first.prefill_s * 1e3:.1f}ms"
               + f" tokens={len(trace.token_ids)}")
     pre, dec = load(ray_session, w.prefill), load(ray_session, w.decode)
+    assert pre["kv_transport"] == dec["kv_transport"] == (transport or pre["kv_transport"])
     assert pre["kv_bytes_sent"] - before_sent == shipped
     assert dec["kv_bytes_received"] - before_recv == shipped
     assert pre["kv_blocks_free"] == pre["kv_blocks_total"]
@@ -407,6 +410,14 @@ def test_first_token_that_ends_the_request_ships_no_kv(workers_for, ray_session)
     assert load(ray_session, w.decode)["kv_blocks_free"] == load(ray_session, w.decode)["kv_blocks_total"]
 
 
-# Last: switching architecture restarts the actors (one set alive at a time).
+# Last: switching transport or architecture restarts the actors (one set alive at a time).
+def test_llava_over_shm_equals_colocated(workers_for, ray_session):
+    """Prefill and decode actors on this host pair over the shm transport (a shared-memory ring)."""
+    cases = {name: LLAVA_CASES[name] for name in ("image", "text-only")}
+    check_greedy_equals_colocated(workers_for, ray_session, "llava-clip-llama", cases, transport="shm")
+    w = workers_for("llava-clip-llama", "shm")
+    assert load(ray_session, w.decode)["kv_transfers_failed"] == 0
+
+
 def test_audio_greedy_equals_colocated_and_kv_crosses(workers_for, ray_session):
     check_greedy_equals_colocated(workers_for, ray_session, "qwen2-audio", AUDIO_CASES)

@@ -15,9 +15,10 @@ the sender start while later layers are still being computed (``layers`` is an i
 
 Two transport styles
 --------------------
-* **Rendezvous** (``gloo``, ``nccl``; ``recv_during_send = True``): a 2-rank communicator per
-  (P, D) pair. ``recv`` must run concurrently with ``send`` (the decode actor runs it in a worker
-  thread). The ticket the receiver needs is known before sending: ``sender.make_ticket(peer, meta)``.
+* **Rendezvous** (``gloo``, ``shm``, ``nccl``; ``recv_during_send = True``): a 2-rank
+  communicator per (P, D) pair (``shm``: a shared-memory ring and a unix socket, same host only).
+  ``recv`` must run concurrently with ``send`` (the decode actor runs it in a worker thread).
+  The ticket the receiver needs is known before sending: ``sender.make_ticket(peer, meta)``.
 * **Handoff** (``ray``, ``local``; ``recv_during_send = False``): ``send`` stores the layers
   somewhere and returns the ticket naming them; ``recv(ticket)`` runs afterwards.
 
@@ -35,7 +36,8 @@ All store keys of a pair live under ``kv/<sender_id>/``:
 
 =============================  ===============================================================
 ``epoch``                      counter; ``add(1)`` names a new communicator generation
-``<epoch>/...``                the communicator's own rendezvous (gloo keys, NCCL unique id)
+``<epoch>/...``                the communicator's own rendezvous (gloo keys, NCCL unique id,
+                               shm socket name)
 ``xfer/<transfer_id>``         the *announcement*: msgpack ``{"epoch": e}`` or ``{"error": s}``
 =============================  ===============================================================
 
@@ -44,7 +46,7 @@ One transfer, in order::
     P.send(D, meta, layers)                         D.recv(ticket, kv, dst_block_ids)
     1. lock(pair D)           [in order]            1. wait for key xfer/<tid>   [deadline]
     2. no communicator? epoch = add(epoch, 1)          read epoch, delete key
-       (nccl: set <epoch>/uid)                      2. lock(pair P)
+       (nccl, shm: set <epoch>/uid, shm_socket)     2. lock(pair P)
     3. set xfer/<tid> = {epoch}  ------------->     3. communicator epoch != e?
     4. new communicator? build (rank 0) <------>       abort old, build at e (rank 1)
     5. header (meta)                    ------->    4. recv header, check == ticket.meta
@@ -89,7 +91,7 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 import msgpack
@@ -199,7 +201,7 @@ class KVTransferMeta:
         return self.layer_num_bytes * self.num_layers
 
     def to_msgpack(self) -> bytes:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}  # (asdict deep-copies: 40x slower)
         d["v"] = _META_VERSION
         return msgpack.packb(d, use_bin_type=True)
 
@@ -500,6 +502,7 @@ _TRANSPORTS: dict[str, tuple[str, str, str]] = {
     "nccl": ("cluster.kv_transfer.nccl", "NcclKVSender", "NcclKVReceiver"),
     "ray": ("cluster.kv_transfer.ray_store", "RayKVSender", "RayKVReceiver"),
     "local": ("cluster.kv_transfer.local", "LocalKVSender", "LocalKVReceiver"),
+    "shm": ("cluster.kv_transfer.shm", "ShmKVSender", "ShmKVReceiver"),
 }
 KV_TRANSPORTS: tuple[str, ...] = tuple(_TRANSPORTS)
 
@@ -512,12 +515,12 @@ def _transport_class(name: str, index: int) -> type:
 
 
 def make_kv_sender(name: str, **opts: Any) -> KVSender:
-    """Build the sender of transport `name` ("gloo" | "nccl" | "ray" | "local")."""
+    """Build the sender of transport `name` ("gloo" | "shm" | "nccl" | "ray" | "local")."""
     return _transport_class(name, 1)(**opts)
 
 
 def make_kv_receiver(name: str, **opts: Any) -> KVReceiver:
-    """Build the receiver of transport `name` ("gloo" | "nccl" | "ray" | "local")."""
+    """Build the receiver of transport `name` ("gloo" | "shm" | "nccl" | "ray" | "local")."""
     return _transport_class(name, 2)(**opts)
 
 

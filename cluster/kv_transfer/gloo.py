@@ -17,7 +17,6 @@ CUDA caches work too (layers are staged through host memory); use nccl for GPU-t
 from __future__ import annotations
 
 import threading
-import traceback
 from collections import deque
 from collections.abc import Iterable
 from datetime import timedelta
@@ -27,7 +26,13 @@ from torch.distributed import ProcessGroupGloo
 
 from .base import Deadline, KVTransferError, KVTransferMeta, KVTransferTimeout
 from .layout import as_bytes, block_index, scatter_kv_layer, validated_layers
-from .rendezvous import RendezvousClient, RendezvousHost, RendezvousKVReceiver, RendezvousKVSender
+from .rendezvous import (
+    RendezvousClient,
+    RendezvousHost,
+    RendezvousKVReceiver,
+    RendezvousKVSender,
+    release_frames,
+)
 
 _TAG_HEADER_LEN = 0
 _TAG_HEADER = 1
@@ -66,18 +71,6 @@ class GlooComm:
             group.abort()
         except RuntimeError:
             pass
-
-
-def _release_frames(e: BaseException) -> None:
-    """Keep the tracebacks of `e` and its causes as text notes, drop the frames."""
-    seen: set[int] = set()
-    exc: BaseException | None = e
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if exc.__traceback__ is not None:
-            exc.add_note("".join(traceback.format_tb(exc.__traceback__)).rstrip())
-            exc.__traceback__ = None
-        exc = exc.__cause__ or exc.__context__
 
 
 def _new_group(store, rank: int, host: str, deadline: Deadline) -> GlooComm:
@@ -181,7 +174,7 @@ class GlooKVSender(RendezvousKVSender):
             return _send_layers(comm.group, meta, layers, deadline)
         except BaseException as e:
             comm.abort()
-            _release_frames(e)
+            release_frames(e)
             raise
 
 
@@ -196,5 +189,5 @@ class GlooKVReceiver(RendezvousKVReceiver):
             return _recv_layers(comm.group, meta, kv, deadline)
         except BaseException as e:
             comm.abort()
-            _release_frames(e)
+            release_frames(e)
             raise

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import traceback
 import uuid
 from abc import abstractmethod
 from collections.abc import Iterable
@@ -119,6 +120,9 @@ class RendezvousHost:
     def pop_bytes(self, key: str) -> bytes:
         """Read and delete a key the sender set before announcing (e.g. an NCCL unique id)."""
         store = self._client()
+        if not store.check([key]):  # get() would block for the store's timeout, not the transfer's
+            raise KVTransferError(f"no {key!r} in the rendezvous store: the sender announced a pair "
+                                  "generation whose setup is gone (already used, or the store restarted)")
         value = store.get(key)
         store.delete_key(key)
         return value
@@ -205,6 +209,19 @@ class Pair:
         if current is comm:
             self.comm = None
         comm.abort()
+
+
+def release_frames(e: BaseException) -> None:
+    """Keep the tracebacks of `e` and its causes as text notes, drop the frames (whose locals
+    would otherwise keep a communicator, or buffers mapped from it, alive as long as the error)."""
+    seen: set[int] = set()
+    exc: BaseException | None = e
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if exc.__traceback__ is not None:
+            exc.add_note("".join(traceback.format_tb(exc.__traceback__)).rstrip())
+            exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
 
 
 def as_transfer_error(e: Exception, transfer_id: str) -> KVTransferError:

@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import os
 import time
 import traceback
 from collections.abc import Iterable, Iterator
@@ -87,6 +89,24 @@ def assert_blocks_landed(
     assert torch.equal(receiver_kv[:, :, others], before[:, :, others]), "a block outside the destination changed"
 
 
+def shm_rings_held(pid: int | None = None) -> int:
+    """How many shm-transport rings process `pid` (default: this one) still maps or holds open."""
+    from .shm import RING_NAME  # transports load only when used
+
+    proc = f"/proc/{os.getpid() if pid is None else pid}"
+    marker = f"/memfd:{RING_NAME} "
+    inodes = set()
+    with open(f"{proc}/maps") as f:
+        for line in f:
+            if marker in line:
+                inodes.add(int(line.split()[4]))
+    for fd in os.listdir(f"{proc}/fd"):
+        with contextlib.suppress(OSError):  # closed while we looked
+            if os.readlink(f"{proc}/fd/{fd}").startswith(marker.rstrip()):
+                inodes.add(os.stat(f"{proc}/fd/{fd}").st_ino)
+    return len(inodes)
+
+
 class PrefillCrashed(RuntimeError):
     """Raised by `scripted_layers` to play a prefill that fails between layers."""
 
@@ -97,9 +117,17 @@ def scripted_layers(
     stall_after: int | None = None,
     stall_s: float = 0.0,
     fail_after: int | None = None,
-) -> Iterator[torch.Tensor]:
+) -> Iterable[torch.Tensor]:
     """Yield `layers`; after the first `stall_after` sleep `stall_s` (a slow prefill); after the
-    first `fail_after` raise PrefillCrashed."""
+    first `fail_after` raise PrefillCrashed. No script: `layers` itself, so a transport sees an
+    `iter_kv_layers` result as the workers pass it."""
+    if stall_after is None and fail_after is None:
+        return layers
+    return _scripted(layers, stall_after, stall_s, fail_after)
+
+
+def _scripted(layers: Iterable[torch.Tensor], stall_after: int | None, stall_s: float,
+              fail_after: int | None) -> Iterator[torch.Tensor]:
     for i, layer in enumerate(layers):
         if stall_after is not None and i == stall_after:
             time.sleep(stall_s)
@@ -200,7 +228,10 @@ def _serve(endpoint: KVEndpoint, msg: dict[str, Any]) -> dict[str, Any]:
                 "elapsed_s": time.perf_counter() - t0}
 
 
-def _child_main(conn, role: str, transport: str, endpoint_id: str, cache: bytes, opts: bytes) -> None:
+def _child_main(conn, role: str, transport: str, endpoint_id: str, cache: bytes, opts: bytes,
+                torch_threads: int | None) -> None:
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
     try:
         endpoint = KVEndpoint(role, transport, endpoint_id, msgpack.unpackb(cache), **msgpack.unpackb(opts))
     except Exception as e:  # report instead of dying silently
@@ -221,12 +252,14 @@ class EndpointProcess:
     """A `KVEndpoint` in a spawned child; `request` then `reply` to overlap with local work."""
 
     def __init__(self, role: str, transport: str, endpoint_id: str, cache: CacheSpec, start_timeout_s: float = 60.0,
-                 **opts: Any):
+                 torch_threads: int | None = None, **opts: Any):
         ctx = mp.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
+        self.transport = transport
         self.process = ctx.Process(
             target=_child_main,
-            args=(child_conn, role, transport, endpoint_id, msgpack.packb(asdict(cache)), msgpack.packb(opts)),
+            args=(child_conn, role, transport, endpoint_id, msgpack.packb(asdict(cache)), msgpack.packb(opts),
+                  torch_threads),
             daemon=True,
         )
         self.process.start()
