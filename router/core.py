@@ -221,7 +221,10 @@ class RouterCore:
             return
         st.stop_reason = reason
         if st.driver is not None and not st.driver.done():
-            st.driver.cancel()
+            # NOTE: on the next loop turn, not now: a driver task cancelled before its first step
+            # never runs ``_drive`` at all (no final event, no cleanup); tasks start in FIFO order,
+            # so by then it has started and the cancel lands inside its try.
+            asyncio.get_running_loop().call_soon(st.driver.cancel)
 
     # -- the driver --------------------------------------------------------------------------
     async def _drive(self, st: RequestState) -> None:
