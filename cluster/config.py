@@ -316,7 +316,9 @@ class ControllerConfig(_Closed):
         5.0, gt=0, le=3600,
         description="how often every worker is probed (its event loop, model thread and device answer), seconds")
     health_check_timeout_s: float = Field(
-        10.0, gt=0, le=3600, description="a probe that takes longer than this counts as failed, seconds")
+        10.0, gt=0, le=3600,
+        description="a probe that takes longer than this, or finds one model step running longer, counts as "
+                    "failed, seconds")
     health_check_failures: int = Field(
         3, ge=1, le=100,
         description="consecutive failed probes that mark a worker dead (an actor that died is dead at once)")

@@ -1,10 +1,11 @@
 """Health checks of the pools' workers: a periodic probe of the serving path, not just liveness.
 
 Every ``period_s`` each READY or DRAINING worker is asked ``health_probe()`` (``BaseWorker``): the
-call travels the same path as a request (Ray actor call -> the worker's event loop), runs a tiny
-device op on the worker's *model thread* (the one thread every forward runs on, so a wedged
-forward or a hung device fails the probe), and returns the worker's ``load()`` (recorded, so
-the status and the autoscaler see fresh numbers).
+call travels the same path as a request (Ray actor call -> the worker's event loop), checks that
+the worker's *model thread* (the one thread every forward runs on) makes progress: idle, it runs a
+tiny device op; busy, its current step must be younger than ``timeout_s``, so a wedged forward or
+a hung device fails the probe while a burst of long steps does not. It returns the worker's
+``load()`` (recorded, so the status and the autoscaler see fresh numbers).
 
     outcome                                   what happens
     answered within timeout_s                 failures reset to 0, load recorded

@@ -82,6 +82,7 @@ class BaseWorker:
         self._num_step_failures = 0
         self._num_failed_in_a_row = 0
         self._step_times = StepTimes()
+        self._model_busy_since: float | None = None  # time.monotonic() the model thread's job began; None: idle
 
     # -- the background loop ---------------------------------------------------------------
     def _ensure_loop(self) -> None:
@@ -155,7 +156,18 @@ class BaseWorker:
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any, executor: ThreadPoolExecutor | None = None) -> T:
         """Run ``fn(*args)`` in a thread (the model thread by default) without blocking the loop."""
-        return await asyncio.get_running_loop().run_in_executor(executor or self._model_executor, fn, *args)
+        loop = asyncio.get_running_loop()
+        if executor is not None:
+            return await loop.run_in_executor(executor, fn, *args)
+        return await loop.run_in_executor(self._model_executor, self._on_model_thread, fn, *args)
+
+    def _on_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Model thread: one job, with its start time kept for ``health_probe``."""
+        self._model_busy_since = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            self._model_busy_since = None
 
     # -- what every worker answers -----------------------------------------------------------
     async def ready(self) -> WorkerInfo:
@@ -174,15 +186,25 @@ class BaseWorker:
 
     async def health_probe(self, timeout_s: float = 10.0) -> dict[str, Any]:
         """The serving path, not just liveness: this call went through the actor's event loop; the
-        engine loop must be alive; a tiny device op must come back from the model thread (queued
-        behind at most the forward running now) within ``timeout_s``. Returns ``load()``; raises
-        otherwise (``cluster.health`` counts the failures)."""
+        engine loop must be alive; the model thread must make progress. An idle model thread runs a
+        tiny device op, which must come back within ``timeout_s``. A busy one is judged by the age
+        of the step it runs, which must be under ``timeout_s`` (a wedged forward or a hung device
+        fails that): the probe is not queued behind the step, because under a burst of long
+        prefill or encoder steps the wait for the step to end, on top of a loaded event loop and
+        RPC path, made probes of healthy workers time out (and enough of them in a row get a
+        worker replaced, failing everything it held). Returns ``load()``; raises otherwise
+        (``cluster.health`` counts the failures)."""
         if self._closed:
             raise RuntimeError(f"worker {self.worker_id} is shut down")
         if self.is_broken:
             raise RuntimeError(f"worker {self.worker_id}: engine loop stopped or {self._num_failed_in_a_row} model "
                                f"steps in a row failed")
-        await asyncio.wait_for(self.run_blocking(self._probe_device), timeout_s)
+        since = self._model_busy_since
+        if since is None:
+            await asyncio.wait_for(self.run_blocking(self._probe_device), timeout_s)
+        elif time.monotonic() - since > timeout_s:
+            raise RuntimeError(f"worker {self.worker_id}: one model step has run for {time.monotonic() - since:.1f} s "
+                               f"(> {timeout_s:g} s): a wedged forward or a hung device")
         return await self.load()
 
     def _probe_device(self) -> None:

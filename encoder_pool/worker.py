@@ -11,6 +11,10 @@ A media item's life inside the worker::
            ▼
     cache.put(content_hash) -> resolve the item's future -> encode() returns list[Tensor]
 
+A queued item that no ``encode`` call waits for any more (each caller was cancelled: client
+cancel, deadline, abort) is dropped before it is encoded; one already in a forward completes and
+is cached.
+
 ``encode`` returns one CPU tensor ``[num_tokens, lm_hidden]`` per item, in order. A corrupt
 item fails only the calls that sent it (``MediaError``); a tower failure fails its batch.
 Items of concurrent ``encode`` calls share a forward, which is the point of the pool.
@@ -39,6 +43,7 @@ from models.processor import MediaInput, MultimodalProcessor
 class _Pending:
     item: EncodeItem
     future: asyncio.Future  # -> torch.Tensor [num_tokens, lm_hidden] CPU
+    num_waiters: int = 1  # encode() calls waiting on this item (coalesced ones included)
 
 
 class EncoderWorker(BaseWorker):
@@ -57,9 +62,10 @@ class EncoderWorker(BaseWorker):
         self.batch_wait_s = batch_wait_ms / 1000
         self.cache = EncoderCache(cache_max_bytes)
         self._queue: list[_Pending] = []
-        self._by_hash: dict[str, asyncio.Future] = {}  # queued or encoding now, for coalescing
+        self._by_hash: dict[str, _Pending] = {}  # queued or encoding now, for coalescing
         self._num_encoding = 0
         self._num_coalesced = 0
+        self._num_dropped = 0
         self._num_batches = 0
         self._num_encoded = 0
         self._encode_s = 0.0
@@ -70,22 +76,52 @@ class EncoderWorker(BaseWorker):
         self._ensure_loop()
         loop = asyncio.get_running_loop()
         futures = []
+        waited: list[_Pending] = []  # the queued/encoding items this call waits on
         for item in items:
             cached = self.cache.get(item.content_hash)
             if cached is not None:
                 fut = loop.create_future()
                 fut.set_result(cached)
             elif item.content_hash in self._by_hash:
-                fut = self._by_hash[item.content_hash]
+                pending = self._by_hash[item.content_hash]
+                pending.num_waiters += 1
+                waited.append(pending)
+                fut = pending.future
                 self._num_coalesced += 1
             else:
-                fut = loop.create_future()
-                self._by_hash[item.content_hash] = fut
-                self._queue.append(_Pending(item, fut))
+                pending = _Pending(item, loop.create_future())
+                self._by_hash[item.content_hash] = pending
+                self._queue.append(pending)
+                waited.append(pending)
+                fut = pending.future
             futures.append(fut)
         self._notify()
-        # shield: one caller giving up must not cancel an item other callers share.
-        return [await asyncio.shield(f) for f in futures]
+        try:
+            # shield: one caller giving up must not cancel an item other callers share.
+            return [await asyncio.shield(f) for f in futures]
+        finally:
+            self._stop_waiting(waited)
+
+    def _stop_waiting(self, waited: list[_Pending]) -> None:
+        """An ``encode`` call ended (answered, failed or cancelled). Queued items that nobody
+        waits for any more are dropped: the router cancels the encode call of a request that is
+        cancelled before its first token and frees its admission slot at once, so without this a
+        storm of cancelled requests would pile up media here faster than they are encoded,
+        unbounded by the router's admission limits, and delay every live request behind them."""
+        for pending in waited:
+            pending.num_waiters -= 1
+        abandoned = {id(p) for p in waited if p.num_waiters <= 0 and not p.future.done()}
+        if not abandoned:
+            return
+        kept = []
+        for pending in self._queue:  # (items in the forward running now are not in the queue)
+            if id(pending) in abandoned:
+                self._by_hash.pop(pending.item.content_hash, None)
+                pending.future.cancel()
+                self._num_dropped += 1
+            else:
+                kept.append(pending)
+        self._queue = kept
 
     # -- the loop --------------------------------------------------------------------------
     async def _engine_loop(self) -> None:
@@ -96,6 +132,8 @@ class EncoderWorker(BaseWorker):
                 continue
             if len(self._queue) < self.max_batch_size and self.batch_wait_s > 0:
                 await asyncio.sleep(self.batch_wait_s)
+                if not self._queue:  # every item was dropped meanwhile (its callers were cancelled)
+                    continue
             # schedule: the oldest items of one modality, up to the batch size
             batch = self._take_batch()
             # execute (model thread): decode + preprocess + tower
@@ -159,6 +197,7 @@ class EncoderWorker(BaseWorker):
             "num_encoding_items": self._num_encoding,
             "num_encoded_items": self._num_encoded,
             "num_coalesced_items": self._num_coalesced,
+            "num_dropped_items": self._num_dropped,  # queued items dropped: every caller was cancelled
             "num_batches": self._num_batches,
             "encode_seconds": round(self._encode_s, 6),
             **self.cache.stats(),
