@@ -312,9 +312,8 @@ class RouterCore:
 
         # 2. prefill: first token at once, then the KV ships
         prefill = st.prefill_worker = policies.pick_prefill(self._ready("prefill", st.avoid))
-        prefill_acct = [(prefill, "inflight_tokens", num_prompt), (prefill, "inflight_requests", 1)]
-        for w, attr, n in prefill_acct:
-            self._account(st, w, attr, n)
+        self._account(st, prefill, "inflight_tokens", num_prompt)
+        self._account(st, prefill, "inflight_requests", 1)
         request = PrefillRequest(st.request_id, prompt, list(plan.media_offsets), sampling, self.eos_token_ids,
                                  [d.content_hash for d in st.prepared.media])
         t.setdefault("prefill", time.monotonic())
@@ -324,8 +323,7 @@ class RouterCore:
         st.prefill_has_token = True
         if "first" not in t:
             t["first"], t["prefill_s"] = time.monotonic(), first.prefill_s
-        for w, attr, n in prefill_acct + [a for a in st.accounted if a[0].pool == "encoder"]:
-            self._unaccount(st, w, attr, n)
+        self._unaccount_pools(st, "prefill", "encoder")  # their part is done
 
         finish = self._push_token(st, detok, first.token_id, tokens, emit, num_prompt, sampling)
         t.setdefault("ttft", time.monotonic())
@@ -372,8 +370,7 @@ class RouterCore:
         self.metrics.observe_retry(stage)
         await self._release_attempt(st)
         if stage == "encoder":
-            for a in [a for a in st.accounted if a[0].pool == "encoder"]:
-                self._unaccount(st, *a)
+            self._unaccount_pools(st, "encoder")
             self._encode(st, t)
 
     async def _failed_stage(self, st: RequestState, exc: BaseException) -> tuple[str, PoolWorker | None, Exception]:
@@ -407,8 +404,7 @@ class RouterCore:
                 _cancel(st.decode_gen)
             with contextlib.suppress(Exception):  # (a dead worker fails this at once)
                 await asyncio.wait_for(_as_coro(st.decode_worker.actor.abort.remote(st.request_id)), 30.0)
-        for a in [a for a in st.accounted if a[0].pool in ("prefill", "decode")]:
-            self._unaccount(st, *a)
+        self._unaccount_pools(st, "prefill", "decode")
         st.prefill_worker = st.prefill_gen = st.reservation = st.pending_reserve = None
         st.decode_worker = st.decode_gen = None
         st.prefill_has_token = st.prefill_drained = st.decode_done = False
@@ -598,10 +594,15 @@ class RouterCore:
         setattr(worker, attr, getattr(worker, attr) + amount)
         st.accounted.append((worker, attr, amount))
 
-    def _unaccount(self, st: RequestState, worker: PoolWorker, attr: str, amount: int) -> None:
-        with contextlib.suppress(ValueError):
-            st.accounted.remove((worker, attr, amount))
-            setattr(worker, attr, getattr(worker, attr) - amount)
+    def _unaccount_pools(self, st: RequestState, *pools: str) -> None:
+        """Undo what the request still has accounted on workers of ``pools``."""
+        kept = []
+        for worker, attr, amount in st.accounted:
+            if worker.pool in pools:
+                setattr(worker, attr, getattr(worker, attr) - amount)
+            else:
+                kept.append((worker, attr, amount))
+        st.accounted[:] = kept
 
     # -- cleanup -----------------------------------------------------------------------------
     def _spawn(self, coro) -> None:
