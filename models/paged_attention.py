@@ -12,10 +12,16 @@ cache viewed as ``[num_blocks * block_size, num_kv_heads, head_dim]``).
 
 One forward step processes a *packed* batch: the new tokens of B sequences concatenated into T
 rows (prefill chunks and single decode tokens alike). Each sequence has ``query_len`` new tokens
-and ``context_len`` tokens of KV after the step (prefix already cached + the new ones). Attention
-gathers each sequence's KV through its block table into a padded ``[B, max_kv]`` view and runs
-``scaled_dot_product_attention`` with a causal-with-offset mask; the padded rows are discarded.
-That is the whole kernel: one code path for prefill, chunked prefill and decode.
+and ``context_len`` tokens of KV after the step (prefix already cached + the new ones).
+
+Attention runs per *group* of sequences: the group's KV is gathered a whole block at a time
+(``index_select`` of its block tables: contiguous block_size-token copies, not one copy per
+token) into a padded ``[B, max_blocks * block_size]`` view, and ``scaled_dot_product_attention``
+runs over it with a causal-with-offset mask; padded rows are discarded. Padding is the cost of
+this kernel, so the groups keep it small: prefill chunks and decode tokens never share a group,
+and decode sequences are grouped by context length (one 2k-token image request in a batch of
+short chats does not pad every chat to 2k). A single sequence starting at position 0 (a plain
+prefill) needs no mask: SDPA's causal kernel skips the blocks above the diagonal.
 """
 
 from __future__ import annotations
@@ -51,22 +57,20 @@ class KVCacheSpec:
 
 @dataclass
 class AttentionGroup:
-    """Sequences attended together: their new tokens are rows ``row_start:row_end`` of the batch.
+    """Sequences attended together; their new tokens are ``rows`` of the packed batch."""
 
-    Decode sequences (one new token each) form one group and prefill chunks another, so a mixed
-    step never pads 32 single-token queries to the length of one 2k-token prefill chunk.
-    """
-
-    row_start: int
-    row_end: int
-    query_index: torch.Tensor  # [rows] int64, row of each new token in the padded [B * max_q] query
-    kv_slots: torch.Tensor  # [B, max_kv] int64, cache slot of each key position (0 where padded)
-    attn_mask: torch.Tensor  # [B, 1, max_q, max_kv] bool, True where attention is allowed
+    rows: slice | torch.Tensor  # rows of the batch (a slice when contiguous, else int64 indices)
+    block_tables: torch.Tensor  # [B * max_blocks] int64, block ids, row-major (0 where padded)
+    attn_mask: torch.Tensor | None  # [B, 1, max_q, max_blocks * block_size] bool; None: plain causal
+    query_index: torch.Tensor | None  # [rows] row of each new token in the padded [B * max_q] query
+    batch_size: int
     max_q: int
 
-    @property
-    def batch_size(self) -> int:
-        return self.kv_slots.shape[0]
+
+# Decode sequences share a group while padding each to the group's longest context wastes at most
+# this many tokens or a quarter of the longest: a group costs a few kernel launches per layer,
+# about what attending ~256 tokens of padding costs on CPU.
+DECODE_GROUP_PAD_TOKENS = 256
 
 
 @dataclass
@@ -76,6 +80,7 @@ class AttentionMetadata:
     positions: torch.Tensor  # [T] int64, position of each new token in its sequence
     slot_mapping: torch.Tensor  # [T] int64, cache slot where each new token's K/V is written
     groups: list[AttentionGroup]
+    num_rows: int
 
     @classmethod
     def build(
@@ -90,61 +95,86 @@ class AttentionMetadata:
 
         ``context_lens[b]`` counts the KV of sequence b *after* this step, so its new tokens sit at
         positions ``context_lens[b] - query_lens[b] ... context_lens[b] - 1``. Rows are packed in
-        the order given; consecutive single-token sequences share a group, as do consecutive
-        multi-token ones.
+        the order given.
         """
         assert len(query_lens) == len(context_lens) == len(block_tables)
-        positions, slots, groups = [], [], []
-        row, b = 0, 0
-        while b < len(query_lens):
-            is_decode = query_lens[b] == 1
-            e = b
-            while e < len(query_lens) and (query_lens[e] == 1) == is_decode:
-                e += 1
-            group, pos, slot = _build_group(query_lens[b:e], context_lens[b:e], block_tables[b:e],
-                                            block_size, row, device)
+        row_starts = [0]
+        for n in query_lens:
+            row_starts.append(row_starts[-1] + n)
+        positions = torch.empty(row_starts[-1], dtype=torch.int64)
+        slot_mapping = torch.empty(row_starts[-1], dtype=torch.int64)
+        groups = []
+        for seqs in _partition(query_lens, context_lens):
+            group, pos, slots = _build_group(
+                [query_lens[b] for b in seqs], [context_lens[b] for b in seqs],
+                [block_tables[b] for b in seqs], block_size, [row_starts[b] for b in seqs], device)
+            rows = group.rows if isinstance(group.rows, slice) else group.rows.cpu()
+            positions[rows], slot_mapping[rows] = pos, slots
             groups.append(group)
-            positions.append(pos)
-            slots.append(slot)
-            row, b = group.row_end, e
-        return cls(
-            positions=torch.cat(positions).to(device),
-            slot_mapping=torch.cat(slots).to(device),
-            groups=groups,
-        )
+        return cls(positions.to(device), slot_mapping.to(device), groups, row_starts[-1])
 
 
-def _build_group(query_lens, context_lens, block_tables, block_size, row_start, device):
+def _partition(query_lens: list[int], context_lens: list[int]) -> list[list[int]]:
+    """Sequence indices per attention group: each prefill chunk alone when it starts at position 0
+    (it gets the mask-free causal kernel), the other prefill chunks together, decode tokens by
+    context length."""
+    prefill = [b for b, n in enumerate(query_lens) if n > 1]
+    fresh = [b for b in prefill if context_lens[b] == query_lens[b]]
+    groups = [[b] for b in fresh]
+    rest = [b for b in prefill if context_lens[b] != query_lens[b]]
+    if rest:
+        groups.append(rest)
+    decode = sorted((b for b, n in enumerate(query_lens) if n == 1), key=lambda b: -context_lens[b])
+    current: list[int] = []
+    for b in decode:
+        if current:
+            longest = context_lens[current[0]]
+            if longest - context_lens[b] > max(DECODE_GROUP_PAD_TOKENS, longest // 4):
+                groups.append(current)
+                current = []
+        current.append(b)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _build_group(query_lens, context_lens, block_tables, block_size, row_starts, device):
     num_seqs = len(query_lens)
-    max_q, max_kv = max(query_lens), max(context_lens)
+    max_q = max(query_lens)
+    max_blocks = max(max(len(t) for t in block_tables), 1)
     q_lens = torch.tensor(query_lens, dtype=torch.int64)
     ctx_lens = torch.tensor(context_lens, dtype=torch.int64)
     starts = ctx_lens - q_lens  # [B] first new position
 
-    # Positions of the new tokens, packed: [rows].
+    # Rows of the packed batch, positions of the new tokens: [rows].
     seq_of_row = torch.repeat_interleave(torch.arange(num_seqs), q_lens)
     row_in_seq = torch.arange(int(q_lens.sum())) - torch.repeat_interleave(torch.cumsum(q_lens, 0) - q_lens, q_lens)
     positions = starts[seq_of_row] + row_in_seq
+    contiguous = all(row_starts[b + 1] == row_starts[b] + query_lens[b] for b in range(num_seqs - 1))
+    if contiguous:
+        rows = slice(row_starts[0], row_starts[0] + int(q_lens.sum()))
+    else:
+        rows = (torch.tensor(row_starts, dtype=torch.int64)[seq_of_row] + row_in_seq).to(device)
 
-    # Block tables padded to [B, max_blocks]; slot of every key position [B, max_kv].
-    tables = torch.zeros(num_seqs, max(max(len(t) for t in block_tables), 1), dtype=torch.int64)
+    tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int64)
     for b, table in enumerate(block_tables):
         tables[b, : len(table)] = torch.tensor(table, dtype=torch.int64)
-    kv_pos = torch.arange(max_kv)
-    kv_valid = kv_pos[None, :] < ctx_lens[:, None]
-    kv_slots = tables[:, kv_pos // block_size] * block_size + kv_pos % block_size
-    kv_slots = torch.where(kv_valid, kv_slots, 0)
-    slot_mapping = kv_slots[seq_of_row, positions]
+    slot_mapping = tables[seq_of_row, positions // block_size] * block_size + positions % block_size
 
-    # Query row i of sequence b (position starts[b] + i) sees keys 0 .. starts[b] + i.
-    q_pos = starts[:, None] + torch.arange(max_q)[None, :]  # [B, max_q]
-    mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & kv_valid[:, None, :]
+    plain_causal = num_seqs == 1 and context_lens[0] == query_lens[0]
+    mask = None
+    if not plain_causal:  # query i of sequence b (position starts[b] + i) sees keys 0 .. starts[b] + i
+        kv_pos = torch.arange(max_blocks * block_size)
+        q_pos = starts[:, None] + torch.arange(max_q)[None, :]  # [B, max_q]
+        mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & (kv_pos[None, :] < ctx_lens[:, None])[:, None, :]
+        mask = mask[:, None].to(device)
+    padded = num_seqs > 1 and max_q > 1
     group = AttentionGroup(
-        row_start=row_start,
-        row_end=row_start + int(q_lens.sum()),
-        query_index=(seq_of_row * max_q + row_in_seq).to(device),
-        kv_slots=kv_slots.to(device),
-        attn_mask=mask[:, None].to(device),
+        rows=rows,
+        block_tables=tables.view(-1).to(device),
+        attn_mask=mask,
+        query_index=(seq_of_row * max_q + row_in_seq).to(device) if padded else None,
+        batch_size=num_seqs,
         max_q=max_q,
     )
     return group, positions, slot_mapping
@@ -163,22 +193,35 @@ def paged_attention(
     v_flat = layer_cache[1].view(-1, num_kv_heads, head_dim)
     k_flat[meta.slot_mapping] = k.to(k_flat.dtype)
     v_flat[meta.slot_mapping] = v.to(v_flat.dtype)
-    outs = [_attend_group(q[g.row_start:g.row_end], k_flat, v_flat, g) for g in meta.groups]
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    if len(meta.groups) == 1 and isinstance(meta.groups[0].rows, slice):
+        return _attend_group(q, layer_cache, meta.groups[0])
+    out = torch.empty_like(q)
+    for g in meta.groups:
+        if isinstance(g.rows, slice):
+            out[g.rows] = _attend_group(q[g.rows], layer_cache, g)
+        else:
+            out.index_copy_(0, g.rows, _attend_group(q.index_select(0, g.rows), layer_cache, g))
+    return out
 
 
-def _attend_group(q, k_flat, v_flat, g: AttentionGroup) -> torch.Tensor:
+def _attend_group(q, layer_cache, g: AttentionGroup) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
-    keys = k_flat[g.kv_slots].transpose(1, 2).to(q.dtype)  # [B, Hkv, max_kv, D]
-    values = v_flat[g.kv_slots].transpose(1, 2).to(q.dtype)
-    if g.batch_size == 1:
-        queries = q.unsqueeze(0)  # one sequence: no padding needed
+    num_kv_heads = layer_cache.shape[-2]
+    # [B * max_blocks, block_size, Hkv, D] -> [B, Hkv, max_blocks * block_size, D]
+    keys = layer_cache[0].index_select(0, g.block_tables).view(g.batch_size, -1, num_kv_heads, head_dim)
+    values = layer_cache[1].index_select(0, g.block_tables).view(g.batch_size, -1, num_kv_heads, head_dim)
+    keys, values = keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype)
+    if g.query_index is None:  # one sequence, or one token per sequence: no query padding
+        queries = q.view(g.batch_size, -1, num_heads, head_dim)
     else:
         queries = q.new_zeros(g.batch_size * g.max_q, num_heads, head_dim)
         queries[g.query_index] = q
         queries = queries.view(g.batch_size, g.max_q, num_heads, head_dim)
+    if g.attn_mask is None:  # one fresh sequence: its keys are exactly its queries' positions
+        keys, values = keys[:, :, : q.shape[0]], values[:, :, : q.shape[0]]
     out = F.scaled_dot_product_attention(
-        queries.transpose(1, 2), keys, values, attn_mask=g.attn_mask, enable_gqa=True
+        queries.transpose(1, 2), keys, values, attn_mask=g.attn_mask, is_causal=g.attn_mask is None,
+        enable_gqa=True,
     )  # [B, H, max_q, D]
-    out = out.transpose(1, 2).reshape(g.batch_size * g.max_q, num_heads, head_dim)
-    return out if g.batch_size == 1 else out[g.query_index]
+    out = out.transpose(1, 2).reshape(-1, num_heads, head_dim)
+    return out if g.query_index is None else out[g.query_index]

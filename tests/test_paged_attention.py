@@ -1,0 +1,85 @@
+"""Paged attention against dense causal attention, for every way a step groups its sequences."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.paged_attention import AttentionMetadata, KVCacheSpec, _partition, paged_attention
+
+BLOCK, HKV, H, D = 4, 2, 4, 8
+
+
+def _reference(q_all, k_all, v_all, start):
+    """Dense attention of one sequence: queries at positions start.. over keys 0..pos."""
+    q_len, kv_len = q_all.shape[0], k_all.shape[0]
+    mask = torch.arange(kv_len)[None, :] <= (start + torch.arange(q_len))[:, None]
+    out = F.scaled_dot_product_attention(q_all.transpose(0, 1)[None], k_all.transpose(0, 1)[None],
+                                         v_all.transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+def _run_step(seqs, seed=0):
+    """seqs: (query_len, context_len) per sequence. Pre-fills each sequence's cached prefix, runs
+    one packed step and checks every row against the dense reference."""
+    gen = torch.Generator().manual_seed(seed)
+    spec = KVCacheSpec(1, 1600, BLOCK, HKV, D, torch.float32)
+    cache = spec.allocate()[0]
+    free = list(range(spec.num_blocks))
+    random.Random(seed).shuffle(free)  # block tables far from contiguous
+    tables, keys, values, qs = [], [], [], []
+    for q_len, ctx in seqs:
+        table = [free.pop() for _ in range(-(-ctx // BLOCK))]
+        k = torch.randn(ctx, HKV, D, generator=gen)
+        v = torch.randn(ctx, HKV, D, generator=gen)
+        for p in range(ctx - q_len):  # the cached prefix, written as earlier steps would have
+            cache[0, table[p // BLOCK], p % BLOCK], cache[1, table[p // BLOCK], p % BLOCK] = k[p], v[p]
+        tables.append(table)
+        keys.append(k)
+        values.append(v)
+        qs.append(torch.randn(q_len, H, D, generator=gen))
+    meta = AttentionMetadata.build([s[0] for s in seqs], [s[1] for s in seqs], tables, BLOCK)
+    new_k = torch.cat([k[ctx - q_len:] for k, (q_len, ctx) in zip(keys, seqs)])
+    new_v = torch.cat([v[ctx - q_len:] for v, (q_len, ctx) in zip(values, seqs)])
+    out = paged_attention(torch.cat(qs), new_k, new_v, cache, meta)
+    row = 0
+    for (q_len, ctx), q, k, v in zip(seqs, qs, keys, values):
+        expected = _reference(q, k, v, ctx - q_len)
+        torch.testing.assert_close(out[row: row + q_len], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(meta.positions[row: row + q_len], torch.arange(ctx - q_len, ctx))
+        row += q_len
+    return meta
+
+
+@pytest.mark.parametrize("seqs", [
+    [(1, 5)],  # one decode token
+    [(9, 9)],  # one fresh prefill: the mask-free causal kernel
+    [(6, 13)],  # a prefill chunk after a cached prefix
+    [(1, 3), (1, 900), (1, 40), (1, 1000), (1, 7)],  # decode of mixed lengths: several groups
+    [(1, 12), (7, 7), (1, 600), (5, 21), (3, 3), (1, 30)],  # decode and prefill interleaved
+])
+def test_paged_attention_matches_dense(seqs):
+    _run_step(seqs)
+
+
+def test_decode_groups_bound_padding_and_keep_every_row():
+    ctx = [3, 900, 40, 1000, 7, 950, 230, 200]
+    meta = _run_step([(1, c) for c in ctx], seed=1)
+    groups = _partition([1] * len(ctx), ctx)
+    assert sorted(b for g in groups for b in g) == list(range(len(ctx)))
+    for g in groups:  # padding each member to the longest stays within the bound
+        longest = max(ctx[b] for b in g)
+        assert all(longest - ctx[b] <= max(256, longest // 4) for b in g)
+    # The long ones attend together, the short ones together: a batch of chats is not padded to 1k.
+    assert sorted(sorted(ctx[b] for b in g) for g in groups) == [[3, 7, 40, 200, 230], [900, 950, 1000]]
+    assert len(meta.groups) == 2
+
+
+def test_fresh_prefills_run_alone_and_chunks_share_a_group():
+    groups = _partition([5, 1, 8, 4, 6], [5, 20, 8, 10, 30])
+    assert [0] in groups and [2] in groups  # fresh prefills: one each, mask-free
+    assert [3, 4] in groups  # continuing chunks together
+    assert [1] in groups
