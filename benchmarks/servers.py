@@ -138,9 +138,9 @@ def tessera_config(mode: str, model_dir: str, roles: dict[str, list[int]], *, nu
     """The cluster config of one benchmarked deployment (as YAML data).
 
     Disaggregated: one encoder, one prefill, ``num_decode`` decode workers, each pinned to its
-    role's cores (``PoolConfig.cpu_affinity``). Colocated: ``mode: colocated`` and one worker on
-    ``roles["colocated"]``. Ray's CPU reservations are small (0.1): pinning decides placement on
-    this machine, and more decode workers than cores must still start."""
+    role's cores (``PoolConfig.cpu_affinity``), KV over ``shm`` (one host). Colocated: ``mode:
+    colocated`` and one worker on ``roles["colocated"]``. Ray's CPU reservations are small (0.1):
+    pinning decides placement on this machine, and more decode workers than cores must still start."""
     def pool(role: str, num: int, threads: int = 1) -> dict[str, Any]:
         return {"num_workers": num, "min_workers": min(1, num), "num_cpus": 0.1, "torch_threads": threads,
                 "cpu_affinity": list(roles[role])}
@@ -155,6 +155,7 @@ def tessera_config(mode: str, model_dir: str, roles: dict[str, list[int]], *, nu
     else:
         config["pools"] = {"encoder": pool("encoder", 1), "prefill": pool("prefill", 1),
                            "decode": pool("decode", num_decode)}
+        config["kv_transfer"] = {"transport": "shm"}  # every worker is on this host: the fastest CPU transport
     return config
 
 
