@@ -19,9 +19,9 @@ Attention runs per *group* of sequences: the group's KV is gathered a whole bloc
 token) into a padded ``[B, max_blocks * block_size]`` view, and ``scaled_dot_product_attention``
 runs over it with a causal-with-offset mask; padded rows are discarded. Padding is the cost of
 this kernel, so the groups keep it small: prefill chunks and decode tokens never share a group,
-and decode sequences are grouped by context length (one 2k-token image request in a batch of
-short chats does not pad every chat to 2k). A single sequence starting at position 0 (a plain
-prefill) needs no mask: SDPA's causal kernel skips the blocks above the diagonal.
+and sequences are grouped by context length (one 2k-token image request in a batch of short
+chats does not pad every chat to 2k). A long prefill starting at position 0 runs alone with no
+mask: SDPA's causal kernel skips the blocks above the diagonal.
 """
 
 from __future__ import annotations
@@ -67,10 +67,13 @@ class AttentionGroup:
     max_q: int
 
 
-# Decode sequences share a group while padding each to the group's longest context wastes at most
-# this many tokens or a quarter of the longest: a group costs a few kernel launches per layer,
-# about what attending ~256 tokens of padding costs on CPU.
-DECODE_GROUP_PAD_TOKENS = 256
+# Sequences share a group while padding each to the group's longest context wastes at most this
+# many tokens or a quarter of the longest: a group costs a few kernel launches per layer, about
+# what attending ~256 tokens of padding costs on CPU.
+GROUP_PAD_TOKENS = 256
+# A fresh prefill this long runs alone on the causal kernel; shorter ones batch (32 prompts of 50
+# tokens in one padded call beat 32 calls).
+PLAIN_CAUSAL_MIN_TOKENS = 256
 
 
 @dataclass
@@ -115,26 +118,26 @@ class AttentionMetadata:
 
 
 def _partition(query_lens: list[int], context_lens: list[int]) -> list[list[int]]:
-    """Sequence indices per attention group: each prefill chunk alone when it starts at position 0
-    (it gets the mask-free causal kernel), the other prefill chunks together, decode tokens by
-    context length."""
+    """Sequence indices per attention group: a long prefill chunk that starts at position 0 alone
+    (it gets the mask-free causal kernel), the other prefill chunks and the decode tokens each by
+    context length (``_by_length``)."""
     prefill = [b for b, n in enumerate(query_lens) if n > 1]
-    fresh = [b for b in prefill if context_lens[b] == query_lens[b]]
-    groups = [[b] for b in fresh]
-    rest = [b for b in prefill if context_lens[b] != query_lens[b]]
-    if rest:
-        groups.append(rest)
-    decode = sorted((b for b, n in enumerate(query_lens) if n == 1), key=lambda b: -context_lens[b])
-    current: list[int] = []
-    for b in decode:
-        if current:
-            longest = context_lens[current[0]]
-            if longest - context_lens[b] > max(DECODE_GROUP_PAD_TOKENS, longest // 4):
-                groups.append(current)
-                current = []
-        current.append(b)
-    if current:
-        groups.append(current)
+    alone = [b for b in prefill if context_lens[b] == query_lens[b] >= PLAIN_CAUSAL_MIN_TOKENS]
+    rest = [b for b in prefill if b not in alone]
+    decode = [b for b, n in enumerate(query_lens) if n == 1]
+    return [[b] for b in alone] + _by_length(rest, context_lens) + _by_length(decode, context_lens)
+
+
+def _by_length(seqs: list[int], context_lens: list[int]) -> list[list[int]]:
+    """``seqs`` split into groups of similar context length (see GROUP_PAD_TOKENS)."""
+    groups: list[list[int]] = []
+    for b in sorted(seqs, key=lambda b: -context_lens[b]):
+        if groups:
+            longest = context_lens[groups[-1][0]]
+            if longest - context_lens[b] <= max(GROUP_PAD_TOKENS, longest // 4):
+                groups[-1].append(b)
+                continue
+        groups.append([b])
     return groups
 
 

@@ -56,10 +56,12 @@ def _run_step(seqs, seed=0):
 
 @pytest.mark.parametrize("seqs", [
     [(1, 5)],  # one decode token
-    [(9, 9)],  # one fresh prefill: the mask-free causal kernel
+    [(9, 9)],  # one short fresh prefill (the padded, masked kernel)
+    [(300, 300)],  # one long fresh prefill: the mask-free causal kernel
     [(6, 13)],  # a prefill chunk after a cached prefix
     [(1, 3), (1, 900), (1, 40), (1, 1000), (1, 7)],  # decode of mixed lengths: several groups
     [(1, 12), (7, 7), (1, 600), (5, 21), (3, 3), (1, 30)],  # decode and prefill interleaved
+    [(2, 700), (280, 280), (1, 5), (6, 6), (40, 900), (1, 650)],  # every kind of group at once
 ])
 def test_paged_attention_matches_dense(seqs):
     _run_step(seqs)
@@ -78,8 +80,10 @@ def test_decode_groups_bound_padding_and_keep_every_row():
     assert len(meta.groups) == 2
 
 
-def test_fresh_prefills_run_alone_and_chunks_share_a_group():
-    groups = _partition([5, 1, 8, 4, 6], [5, 20, 8, 10, 30])
-    assert [0] in groups and [2] in groups  # fresh prefills: one each, mask-free
-    assert [3, 4] in groups  # continuing chunks together
-    assert [1] in groups
+def test_long_fresh_prefills_run_alone_and_the_rest_group_by_length():
+    query_lens = [300, 1, 8, 4, 6, 400, 20]
+    context_lens = [300, 20, 8, 10, 30, 400, 1000]
+    groups = _partition(query_lens, context_lens)
+    assert [0] in groups and [5] in groups  # long fresh prefills: one each, mask-free
+    assert sorted(map(sorted, groups)) == [[0], [1], [2, 3, 4], [5], [6]]
+    # short fresh prefills batch with continuing chunks of similar length, far from the 1k one
