@@ -223,9 +223,11 @@ class PoolsConfig(_Closed):
 class KVTransferConfig(_Closed):
     """How prefill workers ship KV caches to decode workers."""
 
-    transport: Literal["gloo", "shm", "ray", "nccl"] = Field(
-        "gloo", description="gloo: CPU sockets, any nodes; shm: shared memory, prefill and decode workers on one "
-                            "host (the fastest on CPU); ray: Ray object store; nccl: GPU (needs nvidia-nccl-cu12)")
+    transport: Literal["auto", "gloo", "shm", "ray", "nccl"] = Field(
+        "auto", description="auto: shm to a decode worker on the same host, gloo to one on another node (chosen "
+                            "per pair); gloo: CPU sockets, any nodes; shm: shared memory, prefill and decode workers "
+                            "on one host (the fastest on CPU); ray: Ray object store; nccl: GPU (needs "
+                            "nvidia-nccl-cu12)")
     timeout_s: float = Field(30.0, gt=0, le=3600, description="deadline of one request's whole KV transfer, seconds")
     interface: str = Field(
         "127.0.0.1", min_length=1,

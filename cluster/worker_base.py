@@ -299,12 +299,12 @@ def start_worker(worker_cls: type, pool_config, engine_config, worker_id: str, *
 
 def make_kv_endpoint(role: str, transport: str, endpoint_id: str, *, timeout_s: float, host: str, device: str):
     """A KV sender (``role="sender"``) or receiver of ``transport`` with the options it takes:
-    every transport a deadline; gloo/nccl receivers bind their rendezvous store (and gloo its
-    sockets) to ``host``; nccl runs on ``device``."""
+    every transport a deadline; gloo/auto/nccl receivers bind their rendezvous store (and gloo
+    its sockets) to ``host``; nccl runs on ``device``."""
     from cluster.kv_transfer import make_kv_receiver, make_kv_sender
 
     opts: dict[str, Any] = {"timeout_s": timeout_s}
-    if transport == "gloo" or (transport == "nccl" and role == "receiver"):
+    if transport in ("gloo", "auto") or (transport == "nccl" and role == "receiver"):
         opts["host"] = (_node_ip() or "127.0.0.1") if host == "auto" else host  # auto: this node's IP
     if transport == "nccl":
         opts["device"] = device

@@ -19,7 +19,7 @@ def test_defaults_need_no_file_and_bind_to_localhost():
     config = ClusterConfig()
     assert config.router.host == "127.0.0.1"
     assert config.router.grpc_port == 50051
-    assert config.kv_transfer.transport == "gloo"
+    assert config.kv_transfer.transport == "auto"  # shm on one host, gloo across nodes
     assert [name for name, _ in config.pools.items()] == ["encoder", "prefill", "decode"]
     assert all(pool.num_workers == 1 for _, pool in config.pools.items())
 

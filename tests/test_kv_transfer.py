@@ -322,3 +322,46 @@ def test_ray_transport_between_actors(ray_session, dtype):
     assert ray.get(decode.stats.remote())["num_ok"] == 1
     for actor in (prefill, decode):
         ray.kill(actor)
+
+
+# -- auto: shm to a receiver on this host, gloo to one elsewhere -------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_auto_transport_picks_shm_on_this_host_and_gloo_across_hosts():
+    spec = CacheSpec(dtype="float32", seed=0)
+    with EndpointProcess("sender", "auto", SENDER_ID, spec, timeout_s=10.0) as sender:
+        receiver = KVEndpoint("receiver", "auto", RECEIVER_ID, asdict(CacheSpec(dtype="float32", seed=1)),
+                              timeout_s=10.0)
+        try:
+            info = receiver.receiver.prepare_pair(SENDER_ID)
+            assert info["transport"] == "auto" and {"shm", "gloo"} <= set(info)
+            # A receiver that reports another host gets gloo; the same one on this host gets shm.
+            for host_id, used in ((f"{info['host_id']}-elsewhere", "gloo"), (info["host_id"], "shm")):
+                assert sender.call("connect", peer_id=RECEIVER_ID, info={**info, "host_id": host_id})["ok"]
+                before = receiver.kv.clone()
+                meta = make_meta(spec, f"t-auto-{used}")
+                sender.request("send", peer_id=RECEIVER_ID, meta=meta)
+                got = receiver.recv(KVTicket(used, SENDER_ID, RECEIVER_ID, meta), 10.0)
+                reply = sender.reply(30.0)
+                assert reply["ok"], reply
+                assert got == meta.num_bytes
+                assert_landed(spec.make(), receiver.kv, before, SRC_BLOCKS, DST_BLOCKS)
+                inner = getattr(receiver.receiver, used)
+                assert inner.transfer_state(f"t-auto-{used}") is KVTransferState.SUCCESS
+            stats = receiver.stats()
+            assert stats["num_ok"] == 2
+            with pytest.raises(KVTransferError, match="auto receiver takes shm or gloo"):
+                receiver.recv(KVTicket("ray", SENDER_ID, RECEIVER_ID, make_meta(spec, "t-auto-bad")), 1.0)
+        finally:
+            receiver.close()
+
+
+def test_auto_sender_refuses_other_transports_info():
+    sender = make_kv_sender("auto", sender_id=SENDER_ID, timeout_s=1.0)
+    try:
+        with pytest.raises(KVTransferError, match="not 'auto'"):
+            sender.connect(RECEIVER_ID, {"transport": "gloo", "host": "127.0.0.1", "port": 1})
+        assert not sender.is_connected(RECEIVER_ID)
+    finally:
+        sender.close()

@@ -96,8 +96,11 @@ def cluster_sockets(ray_session, tiny_models):
     from cluster.launch import Cluster
     from router.service import BackgroundRouter
 
+    # gloo, the transport a multi-node cluster uses, so both workers open TCP listeners (the
+    # default, auto, takes shm here: the prefill side then listens on no TCP port at all).
     config = ClusterConfig().with_overrides(engine={"model": str(tiny_models["llava-clip-llama"]), **TEST_ENGINE},
-                                            router={"grpc_port": 0, "http_port": 0})
+                                            router={"grpc_port": 0, "http_port": 0},
+                                            kv_transfer={"transport": "gloo"})
     assert config.router.host == "127.0.0.1" and config.kv_transfer.interface == "127.0.0.1"  # the defaults
     cluster = Cluster(config).start()
     try:

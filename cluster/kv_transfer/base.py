@@ -22,6 +22,9 @@ Two transport styles
 * **Handoff** (``ray``, ``local``; ``recv_during_send = False``): ``send`` stores the layers
   somewhere and returns the ticket naming them; ``recv(ticket)`` runs afterwards.
 
+``auto`` (the default, auto.py) is not a wire of its own: per pair it uses ``shm`` when the
+receiver is on this host and ``gloo`` otherwise, and its tickets name the one used.
+
 :func:`run_kv_transfer` drives either style in the right order.
 
 Pairing (rendezvous transports)
@@ -503,6 +506,7 @@ _TRANSPORTS: dict[str, tuple[str, str, str]] = {
     "ray": ("cluster.kv_transfer.ray_store", "RayKVSender", "RayKVReceiver"),
     "local": ("cluster.kv_transfer.local", "LocalKVSender", "LocalKVReceiver"),
     "shm": ("cluster.kv_transfer.shm", "ShmKVSender", "ShmKVReceiver"),
+    "auto": ("cluster.kv_transfer.auto", "AutoKVSender", "AutoKVReceiver"),  # shm on one host, else gloo
 }
 KV_TRANSPORTS: tuple[str, ...] = tuple(_TRANSPORTS)
 
@@ -515,12 +519,12 @@ def _transport_class(name: str, index: int) -> type:
 
 
 def make_kv_sender(name: str, **opts: Any) -> KVSender:
-    """Build the sender of transport `name` ("gloo" | "shm" | "nccl" | "ray" | "local")."""
+    """Build the sender of transport `name` ("auto" | "gloo" | "shm" | "nccl" | "ray" | "local")."""
     return _transport_class(name, 1)(**opts)
 
 
 def make_kv_receiver(name: str, **opts: Any) -> KVReceiver:
-    """Build the receiver of transport `name` ("gloo" | "shm" | "nccl" | "ray" | "local")."""
+    """Build the receiver of transport `name` ("auto" | "gloo" | "shm" | "nccl" | "ray" | "local")."""
     return _transport_class(name, 2)(**opts)
 
 
