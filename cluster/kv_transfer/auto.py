@@ -19,16 +19,43 @@ from typing import Any
 
 import torch
 
-from .base import KVReceiver, KVSender, KVSendResult, KVTicket, KVTransferError, KVTransferMeta, KVTransferStats
+from .base import (KVReceiver, KVSender, KVSendResult, KVTicket, KVTransferError, KVTransferMeta, KVTransferState,
+                   KVTransferStats)
 from .gloo import GlooKVReceiver, GlooKVSender
 from .shm import ShmKVReceiver, ShmKVSender, host_identity
 
 
-def _sum_stats(a: KVTransferStats, b: KVTransferStats) -> KVTransferStats:
-    return KVTransferStats(*(x + y for x, y in zip(a.to_dict().values(), b.to_dict().values())))
+class _BothTransports:
+    """What an auto endpoint answers for its shm and gloo endpoints together (``self.shm``,
+    ``self.gloo``): pairs, counters and teardown span both."""
+
+    shm: KVSender | KVReceiver
+    gloo: KVSender | KVReceiver
+
+    def abort(self, peer_id: str | None = None) -> None:
+        self.shm.abort(peer_id)
+        self.gloo.abort(peer_id)
+
+    def forget(self, peer_id: str) -> None:
+        self.shm.forget(peer_id)
+        self.gloo.forget(peer_id)
+
+    def num_pairs(self) -> int:
+        return self.shm.num_pairs() + self.gloo.num_pairs()
+
+    def stats(self) -> KVTransferStats:
+        a, b = self.shm.stats().to_dict(), self.gloo.stats().to_dict()
+        return KVTransferStats(**{k: a[k] + b[k] for k in a})
+
+    def transfer_state(self, transfer_id: str) -> KVTransferState | None:
+        return self.shm.transfer_state(transfer_id) or self.gloo.transfer_state(transfer_id)
+
+    def close(self) -> None:
+        self.shm.close()
+        self.gloo.close()
 
 
-class AutoKVReceiver(KVReceiver):
+class AutoKVReceiver(_BothTransports, KVReceiver):
     transport = "auto"
 
     def __init__(self, receiver_id: str, *, host: str = "127.0.0.1", timeout_s: float = 30.0):
@@ -58,29 +85,8 @@ class AutoKVReceiver(KVReceiver):
              timeout_s: float | None = None) -> int:
         return self._inner(ticket).recv(ticket, kv, dst_block_ids, timeout_s)
 
-    def abort(self, peer_id: str | None = None) -> None:
-        self.shm.abort(peer_id)
-        self.gloo.abort(peer_id)
 
-    def forget(self, peer_id: str) -> None:
-        self.shm.forget(peer_id)
-        self.gloo.forget(peer_id)
-
-    def num_pairs(self) -> int:
-        return self.shm.num_pairs() + self.gloo.num_pairs()
-
-    def stats(self) -> KVTransferStats:
-        return _sum_stats(self.shm.stats(), self.gloo.stats())
-
-    def transfer_state(self, transfer_id: str):
-        return self.shm.transfer_state(transfer_id) or self.gloo.transfer_state(transfer_id)
-
-    def close(self) -> None:
-        self.shm.close()
-        self.gloo.close()
-
-
-class AutoKVSender(KVSender):
+class AutoKVSender(_BothTransports, KVSender):
     transport = "auto"
     recv_during_send = True  # both shm and gloo are rendezvous transports
 
@@ -103,12 +109,6 @@ class AutoKVSender(KVSender):
         if previous is other:  # the receiver moved (a new incarnation elsewhere): drop the old pair
             other.forget(peer_id)
 
-    def chosen_transport(self, peer_id: str) -> str | None:
-        """``"shm"`` or ``"gloo"``: what transfers to ``peer_id`` use (None: not connected)."""
-        with self._lock:
-            inner = self._chosen.get(peer_id)
-        return inner.transport if inner is not None else None
-
     def _inner(self, peer_id: str, transfer_id: str | None = None) -> KVSender:
         with self._lock:
             inner = self._chosen.get(peer_id)
@@ -128,25 +128,7 @@ class AutoKVSender(KVSender):
              timeout_s: float | None = None) -> KVSendResult:
         return self._inner(peer_id, meta.transfer_id).send(peer_id, meta, layers, timeout_s)
 
-    def abort(self, peer_id: str | None = None) -> None:
-        self.shm.abort(peer_id)
-        self.gloo.abort(peer_id)
-
     def forget(self, peer_id: str) -> None:
         with self._lock:
             self._chosen.pop(peer_id, None)
-        self.shm.forget(peer_id)
-        self.gloo.forget(peer_id)
-
-    def num_pairs(self) -> int:
-        return self.shm.num_pairs() + self.gloo.num_pairs()
-
-    def stats(self) -> KVTransferStats:
-        return _sum_stats(self.shm.stats(), self.gloo.stats())
-
-    def transfer_state(self, transfer_id: str):
-        return self.shm.transfer_state(transfer_id) or self.gloo.transfer_state(transfer_id)
-
-    def close(self) -> None:
-        self.shm.close()
-        self.gloo.close()
+        super().forget(peer_id)
