@@ -26,6 +26,7 @@ from cluster.controller import WorkerState
 from models.media_samples import make_test_image
 from models.processor import MediaInput
 from tests.conftest import TEST_ENGINE, ServedCluster
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -108,17 +109,6 @@ class RequestStream:
         for thread in self._threads:
             thread.join(timeout=120)
         return list(self.results)
-
-
-def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(poll_s)
 
 
 def load_of(worker) -> dict:
