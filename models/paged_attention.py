@@ -83,7 +83,6 @@ class AttentionMetadata:
     positions: torch.Tensor  # [T] int64, position of each new token in its sequence
     slot_mapping: torch.Tensor  # [T] int64, cache slot where each new token's K/V is written
     groups: list[AttentionGroup]
-    num_rows: int
 
     @classmethod
     def build(
@@ -108,13 +107,12 @@ class AttentionMetadata:
         slot_mapping = torch.empty(row_starts[-1], dtype=torch.int64)
         groups = []
         for seqs in _partition(query_lens, context_lens):
-            group, pos, slots = _build_group(
+            group, rows, pos, slots = _build_group(
                 [query_lens[b] for b in seqs], [context_lens[b] for b in seqs],
                 [block_tables[b] for b in seqs], block_size, [row_starts[b] for b in seqs], device)
-            rows = group.rows if isinstance(group.rows, slice) else group.rows.cpu()
             positions[rows], slot_mapping[rows] = pos, slots
             groups.append(group)
-        return cls(positions.to(device), slot_mapping.to(device), groups, row_starts[-1])
+        return cls(positions.to(device), slot_mapping.to(device), groups)
 
 
 def _partition(query_lens: list[int], context_lens: list[int]) -> list[list[int]]:
@@ -157,7 +155,7 @@ def _build_group(query_lens, context_lens, block_tables, block_size, row_starts,
     if contiguous:
         rows = slice(row_starts[0], row_starts[0] + int(q_lens.sum()))
     else:
-        rows = (torch.tensor(row_starts, dtype=torch.int64)[seq_of_row] + row_in_seq).to(device)
+        rows = torch.tensor(row_starts, dtype=torch.int64)[seq_of_row] + row_in_seq
 
     tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int64)
     for b, table in enumerate(block_tables):
@@ -173,14 +171,14 @@ def _build_group(query_lens, context_lens, block_tables, block_size, row_starts,
         mask = mask[:, None].to(device)
     padded = num_seqs > 1 and max_q > 1
     group = AttentionGroup(
-        rows=rows,
+        rows=rows if contiguous else rows.to(device),
         block_tables=tables.view(-1).to(device),
         attn_mask=mask,
         query_index=(seq_of_row * max_q + row_in_seq).to(device) if padded else None,
         batch_size=num_seqs,
         max_q=max_q,
     )
-    return group, positions, slot_mapping
+    return group, rows, positions, slot_mapping  # rows: on the CPU, for the step's packed tensors
 
 
 def paged_attention(
