@@ -154,6 +154,23 @@ class BaseWorker:
         finally:
             self._step_times.observe(time.perf_counter() - start)
 
+    async def run_lm_step(self, batch) -> None:
+        """One step of a language-model worker (prefill, decode): ``self.runner`` executes
+        ``batch`` in the model thread, behind the ``forward`` fault point, and ``_postprocess``
+        hands out the tokens. A step that raises fails only its own requests (``_fail_batch``);
+        the worker goes on."""
+        try:
+            tokens = await self.run_step(self._forward, batch)
+        except Exception as exc:  # noqa: BLE001 — fail this step's requests, keep serving
+            self._fail_batch(batch, exc)
+            return
+        self._step_ok()
+        self._postprocess(batch, tokens)
+
+    def _forward(self, batch) -> list[int | None]:
+        self.faults.hit("forward")
+        return self.runner.execute(batch)
+
     async def run_blocking(self, fn: Callable[..., T], *args: Any, executor: ThreadPoolExecutor | None = None) -> T:
         """Run ``fn(*args)`` in a thread (the model thread by default) without blocking the loop."""
         loop = asyncio.get_running_loop()

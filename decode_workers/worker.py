@@ -220,17 +220,7 @@ class DecodeWorker(BaseWorker):
                 continue
             if self.scheduler.waiting:  # reservations cover max_tokens: this is a bug
                 raise RuntimeError("decode scheduler preempted a request")
-            try:
-                tokens = await self.run_step(self._execute, batch)  # execute
-            except Exception as exc:  # noqa: BLE001 — fail this step's requests, keep serving
-                self._fail_batch(batch, exc)
-                continue
-            self._step_ok()
-            self._postprocess(batch, tokens)  # post-process + send
-
-    def _execute(self, batch) -> list[int | None]:
-        self.faults.hit("forward")
-        return self.runner.execute(batch)
+            await self.run_lm_step(batch)  # execute, post-process + send
 
     def _fail_batch(self, batch, exc: BaseException) -> None:
         """A step raised: its requests end with "error" (blocks freed); the others go on."""

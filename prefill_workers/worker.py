@@ -112,17 +112,7 @@ class PrefillWorker(BaseWorker):
             if batch is None:
                 await self._wait_for_work()
                 continue
-            try:
-                tokens = await self.run_step(self._execute, batch)  # execute
-            except Exception as exc:  # noqa: BLE001 — fail this step's requests, keep serving
-                self._fail_batch(batch, exc)
-                continue
-            self._step_ok()
-            self._postprocess(batch, tokens)  # post-process + send (wake the generators)
-
-    def _execute(self, batch) -> list[int | None]:
-        self.faults.hit("forward")
-        return self.runner.execute(batch)
+            await self.run_lm_step(batch)  # execute, post-process + send (wake the generators)
 
     def _fail_batch(self, batch, exc: BaseException) -> None:
         """A step raised: its requests fail (blocks freed); queued ones and later steps go on."""
