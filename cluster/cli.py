@@ -239,7 +239,7 @@ def cmd_serve(args) -> int:
     import signal
 
     from cluster.launch import Cluster, LaunchError, init_ray
-    from router.service import serve_forever
+    from router.service import new_router_loop, serve_forever
     from router.tls import ServerTLS
 
     try:
@@ -269,7 +269,8 @@ def cmd_serve(args) -> int:
             print(f"  Ray      {args.address or 'local instance'}; KV transport {config.kv_transfer.transport}")
             print("Press Ctrl-C to stop.", flush=True)
 
-        asyncio.run(serve_forever(cluster, on_ready))
+        with asyncio.Runner(loop_factory=new_router_loop) as runner:
+            runner.run(serve_forever(cluster, on_ready))
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -231,8 +231,9 @@ class KVTransferConfig(_Closed):
     timeout_s: float = Field(30.0, gt=0, le=3600, description="deadline of one request's whole KV transfer, seconds")
     interface: str = Field(
         "127.0.0.1", min_length=1,
-        description="local IP address the transport's sockets bind to (must be reachable from the peer nodes); "
-                    "auto: each worker's node IP as Ray sees it (multi-node clusters)")
+        description="local IP address the workers' own sockets bind to: the KV transport's and the token "
+                    "streams decode/colocated workers serve to routers (must be reachable from the peer "
+                    "nodes and the routers); auto: each worker's node IP as Ray sees it (multi-node clusters)")
 
 
 class RouterConfig(_Closed):

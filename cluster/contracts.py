@@ -9,7 +9,9 @@ A request's path through the cluster, and the message at each hop:
     router --(request_id, num_prompt_tokens, max_tokens)--> DecodeWorker.reserve -> Reservation
     router --PrefillRequest + embeddings ref + Reservation--> PrefillWorker.prefill
            <-- PrefillFirstToken (at once), then KVShipped (after the KV landed on the decode worker)
-    router --DecodeRequest--> DecodeWorker.generate          <-- DecodeOutput ... (last one has finish_reason)
+    router --DecodeRequest--> DecodeWorker.generate          -> returns once the request runs
+    router <== StepOutputs (every running request's new tokens, one message per engine step) ==
+               decode / colocated worker, over the router's token stream (``cluster.step_stream``)
 
 Every actor answers ``ready() -> WorkerInfo`` once its model is loaded.
 """
@@ -85,16 +87,8 @@ class DecodeRequest:
     sampling: SamplingParams  # validated sampling params
     eos_token_ids: tuple[int, ...]  # the model's EOS ids
     sampler_state: bytes | None = None  # PrefillFirstToken.sampler_state (seeded sampling); None otherwise
-
-
-@dataclass(frozen=True)
-class DecodeOutput:
-    """One chunk of a decode stream: new tokens since the last chunk."""
-
-    token_ids: list[int]  # newly generated tokens (may be empty on the final chunk)
-    # None while running; on the last chunk "stop" (eos / stop token), "length" (max_tokens or
-    # max_model_len), "abort" (DecodeWorker.abort or a cancelled stream) or "error" (worker failure)
-    finish_reason: str | None
+    # the router's token stream on this worker (``open_step_stream``): where the outputs go
+    stream_id: str = ""
 
 
 @dataclass(frozen=True)

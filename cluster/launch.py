@@ -123,7 +123,7 @@ class RayWorkerLauncher:
             return {"max_batch_size": enc.max_batch_size, "batch_wait_ms": enc.batch_wait_ms,
                     "cache_max_bytes": int(enc.cache_mb * 2**20)}
         if pool == "colocated":
-            return {}
+            return {"stream_interface": self.config.kv_transfer.interface}
         return {"kv_transfer": self.config.kv_transfer}
 
 

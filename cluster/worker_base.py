@@ -83,6 +83,8 @@ class BaseWorker:
         self._num_failed_in_a_row = 0
         self._step_times = StepTimes()
         self._model_busy_since: float | None = None  # time.monotonic() the model thread's job began; None: idle
+        self._loop: asyncio.AbstractEventLoop | None = None  # the actor's event loop, once a call ran on it
+        self.streams = None  # cluster.step_stream.StepStreamServer of workers that stream tokens (decode, colocated)
 
     # -- the background loop ---------------------------------------------------------------
     def _ensure_loop(self) -> None:
@@ -90,8 +92,9 @@ class BaseWorker:
         if self._closed:
             raise RuntimeError(f"worker {self.worker_id} is shut down")
         if self._loop_task is None:
+            self._loop = asyncio.get_running_loop()
             self._wake = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._run_engine_loop())
+            self._loop_task = self._loop.create_task(self._run_engine_loop())
 
     def _notify(self) -> None:
         """Tell the engine loop there is something to do."""
@@ -251,10 +254,39 @@ class BaseWorker:
             except BaseException:  # noqa: BLE001 — cancelled or crashed: either way it stopped
                 pass
         self._on_shutdown()
+        if self.streams is not None:
+            self.streams.close()
         self._model_executor.shutdown(wait=False, cancel_futures=True)
 
     def _on_shutdown(self) -> None:
         pass
+
+    # -- the token stream (decode and colocated workers) -----------------------------------------
+    def _start_step_streams(self, interface: str) -> None:
+        """Listen for routers' token streams on ``interface`` (``auto``: this node's IP)."""
+        from cluster.step_stream import StepStreamServer
+
+        self.streams = StepStreamServer(self.worker_id, resolve_interface(interface), self._stream_lost_threadsafe)
+
+    async def open_step_stream(self, stream_id: str) -> dict[str, Any]:
+        """A one-time ticket for router stream ``stream_id`` to connect with (``cluster.step_stream``)."""
+        self._ensure_loop()
+        if self.streams is None:
+            raise RuntimeError(f"{self.pool} worker {self.worker_id} streams no tokens")
+        return self.streams.issue(stream_id)
+
+    def _stream_lost_threadsafe(self, stream_id: str) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._on_stream_lost, stream_id)
+
+    def _on_stream_lost(self, stream_id: str) -> None:
+        """A router's token stream ended (it died, or gave up on us): abort its requests."""
+
+    def _check_stream(self, stream_id: str) -> None:
+        if self.streams is None or not self.streams.is_open(stream_id):
+            raise ValueError(f"{self.worker_id} has no open token stream {stream_id!r} (call open_step_stream "
+                             f"and connect first)")
 
 
 def _node_id() -> str:
@@ -314,6 +346,11 @@ def start_worker(worker_cls: type, pool_config, engine_config, worker_id: str, *
     return handle
 
 
+def resolve_interface(host: str) -> str:
+    """A configured bind address; ``auto``: this node's IP as Ray sees it."""
+    return (_node_ip() or "127.0.0.1") if host == "auto" else host
+
+
 def make_kv_endpoint(role: str, transport: str, endpoint_id: str, *, timeout_s: float, host: str, device: str):
     """A KV sender (``role="sender"``) or receiver of ``transport`` with the options it takes:
     every transport a deadline; gloo/auto/nccl receivers bind their rendezvous store (and gloo
@@ -322,7 +359,7 @@ def make_kv_endpoint(role: str, transport: str, endpoint_id: str, *, timeout_s: 
 
     opts: dict[str, Any] = {"timeout_s": timeout_s}
     if transport in ("gloo", "auto") or (transport == "nccl" and role == "receiver"):
-        opts["host"] = (_node_ip() or "127.0.0.1") if host == "auto" else host  # auto: this node's IP
+        opts["host"] = resolve_interface(host)
     if transport == "nccl":
         opts["device"] = device
     make = make_kv_sender if role == "sender" else make_kv_receiver

@@ -6,16 +6,19 @@ A request's life inside the worker (one ``_Slot`` per request id)::
     kv_expect(id, prefill_id)       ─▶ EXPECTING   a transfer is coming: blocks held until it ends
     kv_receive(id, ticket)          ─▶ LANDED      (recv thread) KV scattered into the reserved blocks
     generate(DecodeRequest)         ─▶ RUNNING     Request(num_computed=len(prompt), output=[first])
-                                                   joins the running batch (Scheduler.add_running)
+                                                   joins the running batch (Scheduler.add_running);
+                                                   generate returns
     engine loop: aborts -> schedule (one token per running request) -> execute (model thread)
-                 -> post-process (append, token-level stops) -> send (each request's asyncio.Queue)
-    generate yields DecodeOutput(new tokens, None) ... DecodeOutput(tokens, "stop"|"length"|"abort")
+                 -> post-process (append, token-level stops) -> send: one message per step per
+                 router token stream with every request's new token (``cluster.step_stream``)
+    the last delta of a request carries its finish reason: "stop" | "length" | "abort" | "error"
 
 Freeing: finish (stop/length) and abort free the blocks in the engine loop, between steps, so a
 step in flight never writes into a block someone else got. ``abort`` frees a RESERVED/LANDED
-slot at once; an EXPECTING one when its transfer ends (the sender is mid-send and must be drained);
-a cancelled ``generate`` aborts its request. Reservations nobody uses are freed after
-``reservation_ttl_s``. Because a reservation covers max_tokens, decode never preempts.
+slot at once; an EXPECTING one when its transfer ends (the sender is mid-send and must be drained).
+A router whose token stream ends (it died, or gave up on this worker) has every running request
+of that stream aborted. Reservations nobody uses are freed after ``reservation_ttl_s``. Because a
+reservation covers max_tokens, decode never preempts.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 import torch
 
 from cluster.config import EngineConfig, KVTransferConfig
-from cluster.contracts import DecodeOutput, DecodeRequest, Reservation
+from cluster.contracts import DecodeRequest, Reservation
 from cluster.engine.block_manager import NoFreeBlocksError
 from cluster.engine.setup import build_lm_engine, resolve_engine_model
 from cluster.engine.request import Request, RequestStatus
@@ -61,7 +64,7 @@ class _Slot:
     error: str | None = None
     landed: asyncio.Event = field(default_factory=asyncio.Event)  # set when the receive ended (ok or not)
     req: Request | None = None
-    queue: asyncio.Queue | None = None  # (token_ids, finish_reason | None) from the engine loop
+    stream_id: str = ""  # RUNNING: the router token stream its outputs go to
 
 
 class DecodeWorker(BaseWorker):
@@ -81,6 +84,7 @@ class DecodeWorker(BaseWorker):
                                          timeout_s=self.kv_config.timeout_s, host=self.kv_config.interface,
                                          device=engine.device)
         self._recv_executor = ThreadPoolExecutor(max_concurrent_receives, thread_name_prefix=f"{worker_id}-kv")
+        self._start_step_streams(self.kv_config.interface)
         self.reservation_ttl_s = reservation_ttl_s
         self._slots: dict[str, _Slot] = {}
         self._aborts: dict[str, list[asyncio.Future]] = {}  # RUNNING requests to abort between steps
@@ -159,18 +163,21 @@ class DecodeWorker(BaseWorker):
         return self.receiver.recv(ticket, self.runner.kv_cache, dst)
 
     # -- decoding --------------------------------------------------------------------------
-    async def generate(self, request: DecodeRequest):
-        """Streaming generator of DecodeOutput; the first token (from prefill) is not repeated."""
+    async def generate(self, request: DecodeRequest) -> None:
+        """Start decoding (the first token, from prefill, is not repeated); returns once the request
+        runs. Its outputs go to ``request.stream_id``'s token stream, step by step."""
         self._ensure_loop()
         rid = request.request_id
         slot = self._slots.get(rid)
         if slot is None or slot.is_aborted or slot.state is SlotState.RUNNING:
             raise ValueError(f"no reservation for {rid!r} on {self.worker_id} (aborted, expired or running)")
+        self._check_stream(request.stream_id)
         req = self._make_request(request)
         status = req.check_stop(self.max_model_len)
         if status is not None:  # the first token ended it (prefill shipped no KV)
             self._abort_slot(slot)
-            yield DecodeOutput([], status.value)
+            self.streams.emit(request.stream_id, rid, [], status.value)
+            self.streams.flush()
             return
         if slot.state is not SlotState.LANDED:
             try:
@@ -181,19 +188,9 @@ class DecodeWorker(BaseWorker):
             if slot.state is not SlotState.LANDED:
                 raise KVTransferError(f"KV for {rid!r} did not land: {slot.error or 'aborted'}")
         req.block_ids, slot.block_ids = slot.block_ids, []
-        slot.state, slot.req, slot.queue = SlotState.RUNNING, req, asyncio.Queue()
+        slot.state, slot.req, slot.stream_id = SlotState.RUNNING, req, request.stream_id
         self.scheduler.add_running(req)
         self._notify()
-        finished = False
-        try:
-            while not finished:
-                token_ids, reason = await _next_output(slot.queue)
-                finished = reason is not None
-                yield DecodeOutput(token_ids, reason)
-        finally:
-            if not finished:  # cancelled or closed by the consumer
-                self._aborts.setdefault(rid, [])
-                self._notify()
 
     async def abort(self, request_id: str) -> bool:
         """Free everything the request holds (a running one at the next step boundary)."""
@@ -227,11 +224,13 @@ class DecodeWorker(BaseWorker):
         for req in batch.requests:
             slot = self._slots.pop(req.request_id, None)
             self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)  # frees the blocks
-            if slot is not None and slot.queue is not None:
-                slot.queue.put_nowait(([], RequestStatus.FINISHED_ERROR.value))
+            if slot is not None:
+                self.streams.emit(slot.stream_id, req.request_id, [], RequestStatus.FINISHED_ERROR.value)
+        self.streams.flush()
         self._step_failed(exc, len(batch.requests))
 
     def _postprocess(self, batch, tokens: list[int | None]) -> None:
+        emit = self.streams.emit
         for req, num_new, token in zip(batch.requests, batch.num_new_tokens, tokens):
             req.num_computed_tokens += num_new
             req.append_token(token)
@@ -241,7 +240,8 @@ class DecodeWorker(BaseWorker):
                 self.scheduler.finish(req, status)  # frees the blocks
                 del self._slots[req.request_id]
                 self._num_finished += 1
-            slot.queue.put_nowait(([token], status.value if status else None))
+            emit(slot.stream_id, req.request_id, [token], status.value if status else None)
+        self.streams.flush()  # send: one message per token stream for the whole step
 
     def _apply_aborts(self) -> None:
         aborts, self._aborts = self._aborts, {}
@@ -250,10 +250,21 @@ class DecodeWorker(BaseWorker):
             if slot is not None and slot.state is SlotState.RUNNING:
                 self.scheduler.finish(slot.req, RequestStatus.FINISHED_ABORTED)  # frees the blocks
                 del self._slots[rid]
-                slot.queue.put_nowait(([], RequestStatus.FINISHED_ABORTED.value))
+                self.streams.emit(slot.stream_id, rid, [], RequestStatus.FINISHED_ABORTED.value)
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(True)
+        self.streams.flush()
+
+    def _on_stream_lost(self, stream_id: str) -> None:
+        """The router of ``stream_id`` is gone: its running requests stop at the next step."""
+        lost = [s.request_id for s in self._slots.values() if s.state is SlotState.RUNNING and s.stream_id == stream_id]
+        if lost:
+            logger.warning("%s: token stream %s ended; aborting its %d running requests", self.worker_id, stream_id,
+                           len(lost))
+            for rid in lost:
+                self._aborts.setdefault(rid, [])
+            self._notify()
 
     def _sweep_expired(self) -> None:
         now = time.monotonic()
@@ -296,8 +307,9 @@ class DecodeWorker(BaseWorker):
 
     def _on_loop_crash(self) -> None:
         for slot in list(self._slots.values()):
-            if slot.queue is not None:
-                slot.queue.put_nowait(([], RequestStatus.FINISHED_ERROR.value))
+            if slot.state is SlotState.RUNNING:
+                self.streams.emit(slot.stream_id, slot.request_id, [], RequestStatus.FINISHED_ERROR.value)
+        self.streams.flush()
         for waiters in self._aborts.values():
             for waiter in waiters:
                 if not waiter.done():
@@ -322,15 +334,6 @@ class DecodeWorker(BaseWorker):
             "kv_transfers_ok": stats.num_ok,
             "kv_transfers_failed": stats.num_failed,
             "kv_pairs": stats.num_pairs,
+            "num_token_streams": self.streams.num_streams,
         }
 
-
-async def _next_output(queue: asyncio.Queue) -> tuple[list[int], str | None]:
-    """Everything the loop produced since the last read, as one chunk (a slow reader gets
-    several tokens at once instead of a growing backlog)."""
-    token_ids, reason = await queue.get()
-    token_ids = list(token_ids)
-    while reason is None and not queue.empty():
-        more, reason = queue.get_nowait()
-        token_ids += more
-    return token_ids, reason

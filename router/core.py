@@ -13,7 +13,10 @@ A request's life in the router::
                prefill:  PrefillWorker.prefill(req, embeddings_ref ◀──────────────────┘, reservation)
                          ├─ PrefillFirstToken ─▶ first chunk to the client (TTFT)
                          └─ KVShipped (KV is in the reserved decode blocks)
-               decode:   DecodeWorker.generate(req) ─ DecodeOutput... ─▶ detokenize, stop strings
+               decode:   DecodeWorker.generate(req); its tokens come over the router's token
+                         stream to that worker (one message per engine step for all requests,
+                         router.token_streams) into the request's DecodeSink: detokenize, stop
+                         strings, events to the client
                final:    finish reason, usage, per-stage timings
     cleanup    on abort / client cancel / deadline / failure, every stage lets go: before the
                first token the encode task and the prefill stream are cancelled; after it the
@@ -43,8 +46,7 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from cluster.config import ClusterConfig
-from cluster.contracts import (DecodeOutput, DecodeRequest, EncodeItem, KVShipped, PrefillFirstToken,
-                               PrefillRequest, Reservation)
+from cluster.contracts import DecodeRequest, EncodeItem, KVShipped, PrefillFirstToken, PrefillRequest, Reservation
 from cluster.autoscaler import LatencyWindow
 from cluster.controller import Controller, PoolWorker
 from cluster.engine.block_manager import NoFreeBlocksError
@@ -54,10 +56,12 @@ from cluster.engine.sampling import InvalidRequestError, SamplingParams
 from models.processor import MediaInput, MultimodalProcessor
 from router import policies
 from router.admission import Admission
+from router.decode_sink import DecodeSink
 from router.events import (DeadlineExceededError, Event, FinalEvent, GenerateInput, OverloadedError, RouterError,
                            StageTimings, TokenEvent, Usage, WorkerUnavailableError)
 from router.metrics import RouterMetrics
 from router.request_stream import END, Failure, RequestState, RequestStream
+from router.token_streams import TokenStreams
 
 __all__ = ["Admission", "DeadlineExceededError", "Event", "FinalEvent", "GenerateInput", "OverloadedError",
            "RequestStream", "RouterCore", "RouterError", "StageTimings", "TokenEvent", "Usage",
@@ -96,6 +100,7 @@ class RouterCore:
         self._background: set[asyncio.Task] = set()
         self._blocks_freed = asyncio.Event()
         self._num_waiting_for_blocks = 0
+        self.streams = TokenStreams()  # one token stream per decode / colocated worker
 
     # -- public API --------------------------------------------------------------------------
     async def submit(self, inp: GenerateInput) -> RequestStream:
@@ -170,6 +175,7 @@ class RouterCore:
         tasks = [st.driver for st in self._requests.values() if st.driver] + list(self._background)
         if tasks:
             await asyncio.wait(tasks, timeout=grace_s)
+        self.streams.close()
 
     @property
     def num_running(self) -> int:
@@ -307,8 +313,9 @@ class RouterCore:
             sampling = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - len(tokens))
         num_prompt = len(prompt)
 
-        # 1. decode reservation (overlaps encoding)
+        # 1. decode reservation (overlaps encoding), and our token stream to that worker
         st.reservation = await self._reserve(st, num_prompt, sampling.max_tokens)
+        await self._call(st.decode_worker, self.streams.ensure(st.decode_worker))
 
         # 2. prefill: first token at once, then the KV ships
         prefill = st.prefill_worker = policies.pick_prefill(self._ready("prefill", st.avoid))
@@ -334,12 +341,14 @@ class RouterCore:
         st.prefill_drained = True
         t["kv_s"] = t.get("kv_s", 0.0) + shipped.seconds
 
-        # 3. decode
+        # 3. decode: the tokens come over the token stream into the sink
         decode = st.decode_worker
         t["decode"] = time.monotonic()
-        st.decode_gen = decode.actor.generate.options(num_returns="streaming").remote(DecodeRequest(
-            st.request_id, num_prompt, prompt, first.token_id, sampling, self.eos_token_ids, first.sampler_state))
-        return await self._stream_tokens(st, t, decode, detok, tokens, emit)
+        sink = self._open_sink(st, t, decode, detok, tokens, emit)
+        await self._call(decode, decode.actor.generate.remote(DecodeRequest(
+            st.request_id, num_prompt, prompt, first.token_id, sampling, self.eos_token_ids, first.sampler_state,
+            self.streams.stream_id)))
+        return await sink.done
 
     # -- worker failures: retry, migrate, or fail --------------------------------------------
     async def _retry(self, st: RequestState, t: dict, exc: BaseException, tokens: list[int]) -> None:
@@ -399,63 +408,38 @@ class RouterCore:
             with contextlib.suppress(Exception):
                 if await asyncio.wait_for(_as_coro(ref), 30.0) is not None:
                     st.decode_worker = worker
+        if st.sink is not None:
+            self.streams.unregister(st.decode_worker.worker_id, st.request_id)
         if st.decode_worker is not None and not st.decode_done:
-            if st.decode_gen is not None:
-                _cancel(st.decode_gen)
             with contextlib.suppress(Exception):  # (a dead worker fails this at once)
                 await asyncio.wait_for(_as_coro(st.decode_worker.actor.abort.remote(st.request_id)), 30.0)
         self._unaccount_pools(st, "prefill", "decode")
         st.prefill_worker = st.prefill_gen = st.reservation = st.pending_reserve = None
-        st.decode_worker = st.decode_gen = None
+        st.decode_worker = st.sink = None
         st.prefill_has_token = st.prefill_drained = st.decode_done = False
 
     async def _run_colocated(self, st: RequestState, t: dict, tokens: list[int], emit) -> tuple[str, str]:
-        """Colocated mode: one worker runs encode, prefill and decode; its stream's first chunk is
-        the first token. Cleanup aborts it through ``decode_worker`` like a decode stream."""
+        """Colocated mode: one worker runs encode, prefill and decode; the first delta on its token
+        stream holds the first token. Cleanup aborts it through ``decode_worker`` like a decode."""
         num_prompt = len(st.prepared.plan.prompt_token_ids)
         worker = policies.pick_prefill(self._ready("colocated"))
         self._account(st, worker, "inflight_tokens", num_prompt)
         self._account(st, worker, "inflight_requests", 1)
         st.decode_worker = worker
+        await self._call(worker, self.streams.ensure(worker))
         t["prefill"] = time.monotonic()
-        st.decode_gen = worker.actor.generate.options(num_returns="streaming").remote(st.prepared)
         detok = IncrementalDetokenizer(self.tokenizer, st.prepared.sampling.stop)
-        return await self._stream_tokens(st, t, worker, detok, tokens, emit)
+        sink = self._open_sink(st, t, worker, detok, tokens, emit)
+        await self._call(worker, worker.actor.generate.remote(st.prepared, self.streams.stream_id))
+        return await sink.done
 
-    async def _stream_tokens(self, st: RequestState, t: dict, worker: PoolWorker, detok: IncrementalDetokenizer,
-                             tokens: list[int], emit) -> tuple[str, str]:
-        """Forward ``st.decode_gen``'s chunks (a decode or colocated worker's stream) to the client:
-        detokenize, cut at stop strings, until the worker or a stop string ends the request."""
-        while True:
-            out = await self._next(st.decode_gen, DecodeOutput, "decode", allow_end=True)
-            if out is None:
-                raise WorkerUnavailableError(f"{worker.pool} worker {worker.worker_id} ended the stream without a finish")
-            if "first" not in t and out.token_ids:  # colocated: its first chunk is the first token
-                t["first"] = t["decode"] = time.monotonic()
-                t["prefill_s"] = t["first"] - t["prefill"]
-            finish: tuple[str, str] | None = None
-            new_tokens: list[int] = []
-            for tok in out.token_ids:  # one at a time: a stop string cuts the rest off
-                tokens.append(tok)
-                new_tokens.append(tok)
-                detok.push([tok])
-                if detok.stopped:
-                    finish = ("stop", "")
-                    break
-            if finish is None and out.finish_reason == "error":  # its step failed: a worker failure
-                raise WorkerUnavailableError(f"{worker.pool} worker {worker.worker_id} failed the request")
-            if finish is None and out.finish_reason is not None:
-                finish = (out.finish_reason, "")
-            text = detok.take(final=finish is not None)
-            if new_tokens or text:
-                emit(TokenEvent(new_tokens, text))
-                if st.num_tokens_sent == 0:
-                    t["ttft"] = time.monotonic()
-                st.num_tokens_sent += len(new_tokens)
-            if finish is not None:
-                t["last"] = time.monotonic()
-                st.decode_done = out.finish_reason is not None and not detok.stopped
-                return finish
+    def _open_sink(self, st: RequestState, t: dict, worker: PoolWorker, detok: IncrementalDetokenizer,
+                   tokens: list[int], emit) -> DecodeSink:
+        """Where ``worker``'s outputs for this request go, registered before the request is sent
+        (its first tokens may come before the call that started it returns)."""
+        st.sink = DecodeSink(st, t, f"{worker.pool} worker {worker.worker_id}", detok, tokens, emit)
+        self.streams.register(worker.worker_id, st.request_id, st.sink)
+        return st.sink
 
     def _push_token(self, st: RequestState, detok: IncrementalDetokenizer, tok: int, tokens: list[int], emit,
                     num_prompt: int, sampling: SamplingParams) -> tuple[str, str] | None:
@@ -551,12 +535,10 @@ class RouterCore:
         except Exception as exc:
             raise self._worker_failure(exc, worker) from exc
 
-    async def _next(self, gen, expected: type, stage: str, allow_end: bool = False):
+    async def _next(self, gen, expected: type, stage: str):
         try:
             ref = await gen.__anext__()
         except StopAsyncIteration:
-            if allow_end:
-                return None
             raise WorkerUnavailableError(f"the {stage} worker ended the stream early") from None
         item = await ref
         if not isinstance(item, expected):

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 
+import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -85,28 +85,30 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     return _error_response(error_of(exc))
 
 
-def _sse(payload: BaseModel | dict) -> str:
-    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
-    return f"data: {data}\n\n"
+def _sse(payload: dict) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 # -- the two response shapes -------------------------------------------------------------------
+# Streamed chunks are plain dicts serialized with orjson (a chunk per token is the hot path);
+# each equals the ``model_dump()`` of its ``router.openai_protocol`` model (tests check that).
 class _ChatShape:
     def __init__(self, rid: str, model: str):
-        self.id, self.model = f"chatcmpl-{rid}", model
+        self.id, self.model, self.created = f"chatcmpl-{rid}", model, int(time.time())
 
-    def opening(self) -> oa.ChatCompletionChunk | None:
+    def opening(self) -> dict | None:
         return self.chunk({"role": "assistant", "content": ""})
 
-    def chunk(self, delta: dict, finish: str | None = None) -> oa.ChatCompletionChunk:
-        return oa.ChatCompletionChunk(id=self.id, model=self.model,
-                                      choices=[oa.ChatChunkChoice(delta=delta, finish_reason=finish)])
+    def chunk(self, delta: dict, finish: str | None = None) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], "usage": None}
 
-    def text(self, text: str, finish: str | None = None) -> oa.ChatCompletionChunk:
+    def text(self, text: str, finish: str | None = None) -> dict:
         return self.chunk({"content": text} if text else {}, finish)
 
-    def usage(self, usage: oa.UsageInfo) -> oa.ChatCompletionChunk:
-        return oa.ChatCompletionChunk(id=self.id, model=self.model, choices=[], usage=usage)
+    def usage(self, usage: oa.UsageInfo) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [], "usage": usage.model_dump()}
 
     def full(self, text: str, finish: str, usage: oa.UsageInfo) -> oa.ChatCompletion:
         return oa.ChatCompletion(id=self.id, model=self.model, usage=usage, choices=[
@@ -115,22 +117,22 @@ class _ChatShape:
 
 class _TextShape:
     def __init__(self, rid: str, model: str):
-        self.id, self.model = f"cmpl-{rid}", model
+        self.id, self.model, self.created = f"cmpl-{rid}", model, int(time.time())
 
     def opening(self) -> None:
         return None
 
-    def text(self, text: str, finish: str | None = None) -> oa.Completion:
-        return oa.Completion(id=self.id, model=self.model, choices=[oa.CompletionChoice(text=text,
-                                                                                        finish_reason=finish)])
+    def text(self, text: str, finish: str | None = None) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}], "usage": None}
 
-    def usage(self, usage: oa.UsageInfo) -> oa.Completion:
-        return oa.Completion(id=self.id, model=self.model, choices=[], usage=usage)
+    def usage(self, usage: oa.UsageInfo) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [], "usage": usage.model_dump()}
 
     def full(self, text: str, finish: str, usage: oa.UsageInfo) -> oa.Completion:
-        out = self.text(text, finish)
-        out.usage = usage
-        return out
+        return oa.Completion(id=self.id, model=self.model, usage=usage, choices=[
+            oa.CompletionChoice(text=text, finish_reason=finish)])
 
 
 def _usage(final: FinalEvent) -> oa.UsageInfo:
@@ -291,7 +293,7 @@ async def _collect(first, events: AsyncIterator) -> tuple[str, FinalEvent]:
 
 
 async def _sse_events(first, events: AsyncIterator, shape, include_usage: bool,
-                      stream: RequestStream) -> AsyncIterator[str]:
+                      stream: RequestStream) -> AsyncIterator[bytes]:
     """The SSE body: an opening chunk (chat: the role), one chunk per text delta, a last chunk with
     the finish reason, the usage chunk if asked for, then ``[DONE]``."""
     try:
@@ -316,7 +318,7 @@ async def _sse_events(first, events: AsyncIterator, shape, include_usage: bool,
         yield _sse(error_of(exc).body())
     finally:
         await stream.aclose()
-    yield "data: [DONE]\n\n"
+    yield b"data: [DONE]\n\n"
 
 
 async def _until_disconnect(request: Request, work: Awaitable):

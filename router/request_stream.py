@@ -4,6 +4,7 @@ its events from (``RequestStream``). ``RouterCore`` owns both; this module only 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from cluster.contracts import Reservation
 from cluster.controller import PoolWorker
 from cluster.engine.inputs import PreparedRequest
 from models.processor import MediaInput
-from router.events import Event
+from router.events import Event, TokenEvent
 
 if TYPE_CHECKING:
     from router.core import RouterCore
@@ -27,6 +28,47 @@ class Failure:
 END = object()
 
 
+class EventQueue:
+    """One request's events, from the core to its reader. ``put_nowait`` never blocks; ``get_all``
+    hands over everything queued at once (waiting while empty), so a reader that fell behind
+    catches up in one wake-up instead of one per event."""
+
+    def __init__(self):
+        self._items: collections.deque = collections.deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get_all(self) -> list:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+
+def coalesce(items: list, keep_first: bool = False) -> list:
+    """Consecutive ``TokenEvent``s merged into one (tokens and text concatenated, in order);
+    ``keep_first``: the first item stays on its own (a stream's first event holds the first token
+    alone)."""
+    out: list = []
+    for item in items:
+        if isinstance(item, TokenEvent) and len(out) > keep_first and isinstance(out[-1], TokenEvent):
+            prev = out[-1]
+            out[-1] = TokenEvent(prev.token_ids + item.token_ids, prev.text + item.text)
+        else:
+            out.append(item)
+    return out
+
+
 # -- per-request state -------------------------------------------------------------------------
 @dataclass
 class RequestState:
@@ -36,7 +78,7 @@ class RequestState:
     deadline: float  # time.monotonic()
     arrival: float  # time.monotonic() when submit() was called
     prepared_at: float  # ... and when preparation ended (admission queueing starts)
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    queue: EventQueue = field(default_factory=EventQueue)
     driver: asyncio.Task | None = None
     stop_reason: str = ""  # "abort" | "deadline" | "cancelled", set before cancelling the driver
     num_tokens_sent: int = 0
@@ -52,7 +94,7 @@ class RequestState:
     reservation: Reservation | None = None
     pending_reserve: tuple[PoolWorker, Any] | None = None  # (decode worker, reserve() ref) in flight
     decode_worker: PoolWorker | None = None
-    decode_gen: Any = None
+    sink: Any = None  # router.decode_sink.DecodeSink of this attempt's decode (registered in the token streams)
     decode_done: bool = False
     accounted: list[tuple[PoolWorker, str, int]] = field(default_factory=list)  # (worker, attr, amount)
     avoid: set[str] = field(default_factory=set)  # ids of workers that failed this request
@@ -60,7 +102,8 @@ class RequestState:
 
 
 class RequestStream:
-    """Async iterator over one request's events: ``TokenEvent``\\* then one ``FinalEvent``.
+    """Async iterator over one request's events: ``TokenEvent``\\* then one ``FinalEvent``; token
+    events that queued up while the reader was busy come as one merged event.
     Raises a ``RouterError`` instead if the request fails before its first token, and
     ``DeadlineExceededError`` whenever its deadline passes (after tokens too, as a gRPC deadline
     does). Closing it early (``aclose``; a cancelled consumer) cancels the request."""
@@ -76,22 +119,25 @@ class RequestStream:
 
     async def _events(self) -> AsyncIterator[Event]:
         st = self._state
+        sent_first = False
         try:
             while True:
                 if st.stop_reason:
-                    item = await st.queue.get()  # stopping: the driver reports how it ended
+                    items = await st.queue.get_all()  # stopping: the driver reports how it ended
                 else:
                     try:
                         async with asyncio.timeout_at(_loop_time(st.deadline)):
-                            item = await st.queue.get()
+                            items = await st.queue.get_all()
                     except TimeoutError:
                         self._core._stop(st, "deadline")
                         continue
-                if item is END:
-                    return
-                if isinstance(item, Failure):
-                    raise item.error
-                yield item
+                for item in coalesce(items, keep_first=not sent_first):
+                    sent_first = True
+                    if item is END:
+                        return
+                    if isinstance(item, Failure):
+                        raise item.error
+                    yield item
         finally:
             if not st.finished:
                 self._core._stop(st, "cancelled")

@@ -150,3 +150,42 @@ def wait_until_clean(stack, timeout_s: float = 30.0) -> None:
         wait_for(clean, timeout_s, "the cluster holds nothing", poll_s=0.1)
     except AssertionError:
         raise AssertionError(f"still held after {timeout_s} s: {leaks}") from None
+
+
+# -- a worker's token stream, read by hand (the router's own client) -------------------------------
+class CollectingSink:
+    """A request's deltas off its worker's token stream; ``done`` resolves with the finish reason."""
+
+    def __init__(self):
+        import asyncio
+
+        self.deltas: list[tuple[list[int], str | None]] = []
+        self.first = asyncio.get_running_loop().create_future()  # resolves at the first delta
+        self.done = asyncio.get_running_loop().create_future()
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for tokens, _ in self.deltas for t in tokens]
+
+    def push(self, token_ids, finish_reason) -> None:
+        assert not self.done.done(), "nothing may follow a request's finish"
+        self.deltas.append((list(token_ids), finish_reason))
+        if not self.first.done():
+            self.first.set_result(None)
+        if finish_reason is not None:
+            self.done.set_result(finish_reason)
+
+    def fail(self, error) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
+
+
+async def open_token_stream(actor, worker_id: str):
+    """``router.token_streams.TokenStreams`` with a stream open to ``actor``; close it when done."""
+    from types import SimpleNamespace
+
+    from router.token_streams import TokenStreams
+
+    streams = TokenStreams()
+    await streams.ensure(SimpleNamespace(worker_id=worker_id, actor=actor))
+    return streams

@@ -12,6 +12,7 @@ from cluster.config import EngineConfig, PoolConfig
 from cluster.engine.colocated import ColocatedEngine
 from cluster.engine.sampling import SamplingParams
 from cluster.worker_base import start_worker
+from tests.helpers import CollectingSink, open_token_stream
 from tests.reference import prompt_cases
 
 
@@ -26,13 +27,11 @@ def setup(ray_session, tiny_models):
     ray.kill(actor)
 
 
-async def _collect(actor, prepared):
-    tokens, reason = [], None
-    async for ref in actor.generate.options(num_returns="streaming").remote(prepared):
-        out = await ref
-        tokens += out.token_ids
-        reason = out.finish_reason
-    return tokens, reason
+async def _start(streams, actor, prepared) -> CollectingSink:
+    sink = CollectingSink()
+    streams.register("colocated", prepared.request_id, sink)
+    await actor.generate.remote(prepared, streams.stream_id)
+    return sink
 
 
 def test_concurrent_requests_equal_in_process_engine(setup):
@@ -43,11 +42,18 @@ def test_concurrent_requests_equal_in_process_engine(setup):
     prepared = [local.inputs.prepare(f"r{i}", p, m, greedy) for i, (p, m) in enumerate(cases)]
 
     async def run_all():
-        return await asyncio.gather(*(_collect(actor, p) for p in prepared))
+        streams = await open_token_stream(actor, "colocated")
+        try:
+            sinks = [await _start(streams, actor, p) for p in prepared]
+            await asyncio.wait_for(asyncio.gather(*(s.done for s in sinks)), 60)
+        finally:
+            streams.close()
+        return sinks
 
-    results = asyncio.run(run_all())
-    assert [t for t, _ in results] == expected
-    assert all(reason == "length" for _, reason in results)
+    sinks = asyncio.run(run_all())
+    assert [s.token_ids for s in sinks] == expected
+    assert all(s.done.result() == "length" for s in sinks)
+    assert all(len(tokens) >= 1 for tokens, _ in sinks[0].deltas[:-1])  # one message per step, tokens in each
     load = ray.get(actor.load.remote())
     assert load["kv_blocks_free"] == load["kv_blocks_total"] and load["healthy"]
 
@@ -58,14 +64,15 @@ def test_abort_mid_stream_frees_blocks(setup):
     prepared = local.inputs.prepare("abort-me", prompt, media, SamplingParams(max_tokens=2000, ignore_eos=True))
 
     async def run():
-        gen = actor.generate.options(num_returns="streaming").remote(prepared)
-        first = await gen.__anext__()
-        assert (await first).token_ids
-        assert await actor.abort.remote("abort-me")
-        reason = None
-        async for ref in gen:
-            reason = (await ref).finish_reason
-        return reason
+        streams = await open_token_stream(actor, "colocated")
+        try:
+            sink = await _start(streams, actor, prepared)
+            await asyncio.wait_for(sink.first, 30)
+            assert sink.token_ids  # the first delta holds the first token
+            assert await actor.abort.remote("abort-me")
+            return await asyncio.wait_for(sink.done, 30)
+        finally:
+            streams.close()
 
     assert asyncio.run(run()) == "abort"
     load = ray.get(actor.load.remote())

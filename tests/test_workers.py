@@ -1,13 +1,14 @@
 """The three worker actors on a real (local) Ray instance with tiny real checkpoints, on CPU.
 
 Requests are driven by hand exactly as the router drives them: encode (ObjectRef passed on
-unresolved) -> reserve -> prefill stream (first token, then KVShipped) -> decode stream. Greedy
-output must equal ``ColocatedEngine.generate`` token for token.
+unresolved) -> reserve -> prefill stream (first token, then KVShipped) -> decode over the
+router's token stream. Greedy output must equal ``ColocatedEngine.generate`` token for token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections.abc import Iterator
@@ -18,7 +19,6 @@ import torch
 
 from cluster.config import EngineConfig, KVTransferConfig, PoolConfig
 from cluster.contracts import (
-    DecodeOutput,
     DecodeRequest,
     EncodeItem,
     KVShipped,
@@ -35,6 +35,7 @@ from encoder_pool.worker import EncoderWorker
 from models.media_samples import make_test_audio, make_test_image
 from models.processor import MediaInput
 from prefill_workers.worker import PrefillWorker
+from tests.helpers import CollectingSink, open_token_stream
 
 pytestmark = pytest.mark.slow
 
@@ -153,16 +154,24 @@ async def run_request(w: Workers, prompt: str, media: list[MediaInput], sampling
     stage["first_token"] = times[0] - t0
     stage["kv"] = times[1] - times[0]
     t1 = time.perf_counter()
-    tokens, reason = [first.token_id], None
-    decode = w.decode.generate.options(num_returns="streaming").remote(DecodeRequest(
+    sink, streams = await start_decode(w, DecodeRequest(
         rid, len(plan.prompt_token_ids), plan.prompt_token_ids, first.token_id, sampling, eos, first.sampler_state))
-    async for ref in decode:
-        out: DecodeOutput = await ref
-        assert reason is None, "nothing may follow the final chunk"
-        tokens += out.token_ids
-        reason = out.finish_reason
+    try:
+        reason = await asyncio.wait_for(sink.done, 60)
+    finally:
+        streams.close()
     stage["decode"] = time.perf_counter() - t1
-    return Trace(tokens, reason, events, times[0], times[1], stage)
+    return Trace([first.token_id] + sink.token_ids, reason, events, times[0], times[1], stage)
+
+
+async def start_decode(w: Workers, request: DecodeRequest, actor=None) -> tuple[CollectingSink, object]:
+    """Start ``request`` on the decode worker with its outputs on a token stream of our own."""
+    actor = actor or w.decode
+    streams = await open_token_stream(actor, "decode")
+    sink = CollectingSink()
+    streams.register("decode", request.request_id, sink)
+    await actor.generate.remote(dataclasses.replace(request, stream_id=streams.stream_id))
+    return sink, streams
 
 
 def reference_tokens(w: Workers, requests) -> list[list[int]]:
@@ -302,42 +311,58 @@ def test_abort_running_decode_frees_blocks(workers_for, ray_session):
         assert load(ray_session, dec)["kv_blocks_free"] < total
         events = [await r async for r in w.prefill.prefill.options(num_returns="streaming").remote(
             PrefillRequest("abort-me", prepared.plan.prompt_token_ids, [], sampling, ()), None, reservation)]
-        stream = dec.generate.options(num_returns="streaming").remote(
-            DecodeRequest("abort-me", n, prepared.plan.prompt_token_ids, events[0].token_id, sampling, ()))
-        outputs = []
-        async for ref in stream:
-            outputs.append(await ref)
-            if len(outputs) == 1:
-                assert await dec.abort.remote("abort-me") is True
-        return outputs
+        sink, streams = await start_decode(w, DecodeRequest(
+            "abort-me", n, prepared.plan.prompt_token_ids, events[0].token_id, sampling, ()))
+        try:
+            assert await dec.abort.remote("abort-me") is True
+            await asyncio.wait_for(sink.done, 30)
+        finally:
+            streams.close()
+        return sink
 
-    outputs = asyncio.run(start_then_abort())
-    assert outputs[-1].finish_reason == "abort"
-    assert sum(len(o.token_ids) for o in outputs) < 199
+    sink = asyncio.run(start_then_abort())
+    assert sink.deltas[-1][1] == "abort"
+    assert len(sink.token_ids) < 199
     assert load(ray_session, dec)["kv_blocks_free"] == total
     assert ray_session.get(dec.abort.remote("abort-me")) is False  # already gone
 
 
-def test_cancelled_decode_stream_frees_blocks(workers_for, ray_session):
+def test_lost_token_stream_aborts_its_requests_and_frees_blocks(workers_for, ray_session):
+    """The router's end of the token stream goes away mid-decode (a router that died): the worker
+    aborts that stream's requests and frees their blocks."""
     w = workers_for("llava-clip-llama")
     dec = w.decode
     total = load(ray_session, dec)["kv_blocks_total"]
 
-    async def start_then_cancel():
+    async def start_then_drop():
         sampling = SamplingParams(max_tokens=300, ignore_eos=True)
         prepared = w.reference.inputs.prepare("cancel-me", TEXT_PROMPT, [], sampling)
         n = len(prepared.plan.prompt_token_ids)
         reservation = await dec.reserve.remote("cancel-me", n, sampling.max_tokens)
         events = [await r async for r in w.prefill.prefill.options(num_returns="streaming").remote(
             PrefillRequest("cancel-me", prepared.plan.prompt_token_ids, [], sampling, ()), None, reservation)]
-        stream = dec.generate.options(num_returns="streaming").remote(
-            DecodeRequest("cancel-me", n, prepared.plan.prompt_token_ids, events[0].token_id, sampling, ()))
-        await stream.__anext__()
-        ray_session.cancel(stream)
+        sink, streams = await start_decode(w, DecodeRequest(
+            "cancel-me", n, prepared.plan.prompt_token_ids, events[0].token_id, sampling, ()))
+        await asyncio.wait_for(sink.first, 30)
+        assert load(ray_session, dec)["num_running"] == 1
+        streams.close()
+        return sink
 
-    asyncio.run(start_then_cancel())
+    sink = asyncio.run(start_then_drop())
     wait_for(lambda: load(ray_session, dec)["kv_blocks_free"] == total)
     assert load(ray_session, dec)["num_running"] == 0
+    assert len(sink.token_ids) < 299
+
+
+def test_generate_without_an_open_token_stream_is_refused(workers_for, ray_session):
+    w = workers_for("llava-clip-llama")
+    reservation = ray_session.get(w.decode.reserve.remote("no-stream", 10, 5))
+    request = DecodeRequest("no-stream", 10, [0] * 10, 1, SamplingParams(max_tokens=5), (), None, "router-nobody")
+    with pytest.raises(Exception, match="no open token stream"):
+        ray_session.get(w.decode.generate.remote(request))
+    assert ray_session.get(w.decode.abort.remote("no-stream")) is True
+    assert len(reservation.block_ids) > 0
+    assert load(ray_session, w.decode)["kv_blocks_free"] == load(ray_session, w.decode)["kv_blocks_total"]
 
 
 def test_unused_reservation_freed_by_abort(workers_for, ray_session):

@@ -1,57 +1,96 @@
-"""Incremental detokenization with stop strings, one instance per request.
+"""Incremental detokenization with stop strings, one instance per request; O(1) work per token.
 
-Text is produced the way vLLM does it: decode a short window of recent tokens and emit only
-what the newest token added, holding back while the tail is an incomplete UTF-8 sequence
-(``\ufffd``). With stop strings, the last ``max(len(stop)) - 1`` characters are held back too, so
-a client never receives the beginning of a stop string that later completes; the match itself is
-cut from the output (the text ends right before it).
+Text comes from the tokenizer's own streaming decoder where it has one (``tokenizers``'
+``DecodeStream``, in Rust: each token is decoded once, holding back an incomplete UTF-8 sequence
+until it completes), and otherwise from a short window of recent tokens, decoded twice per token
+(vLLM's scheme: emit what the newest token added, wait while the tail is ``\\ufffd``). Both give
+exactly ``tokenizer.decode(all_ids)``, piece by piece. A tokenizer that post-processes whole
+strings (``clean_up_tokenization_spaces``) takes the window path, which applies it.
+
+Stop strings: the last ``max(len(stop)) - 1`` characters are held back, so a client never
+receives the beginning of a stop string that later completes; the match itself is cut from the
+output (the text ends right before it). Only text not yet returned is searched, and only from
+where a new match can start, so a long output costs no more per token than a short one.
 """
 
 from __future__ import annotations
 
 
+class _WindowDecoder:
+    """Decode a sliding window of recent tokens (any tokenizer)."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool):
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.ids: list[int] = []  # tokens from the window's start on
+        self.read_offset = 0  # ids[:read_offset] were already turned into text
+
+    def step(self, token_id: int) -> str | None:
+        self.ids.append(token_id)
+        prefix = self.tokenizer.decode(self.ids[:self.read_offset], skip_special_tokens=self.skip)
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return None  # nothing new yet, or an incomplete UTF-8 sequence
+        self.ids = self.ids[self.read_offset:]  # the window restarts where the new text began
+        self.read_offset = len(self.ids)
+        return full[len(prefix):]
+
+
+class _StreamDecoder:
+    """``tokenizers.decoders.DecodeStream`` over the fast tokenizer's backend."""
+
+    def __init__(self, backend, skip_special_tokens: bool):
+        from tokenizers.decoders import DecodeStream
+
+        self.backend, self.stream = backend, DecodeStream(skip_special_tokens=skip_special_tokens)
+
+    def step(self, token_id: int) -> str | None:
+        return self.stream.step(self.backend, token_id)
+
+
+def _decoder(tokenizer, skip_special_tokens: bool):
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        try:
+            return _StreamDecoder(backend, skip_special_tokens)
+        except ImportError:  # tokenizers < 0.21
+            pass
+    return _WindowDecoder(tokenizer, skip_special_tokens)
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, stop: tuple[str, ...] = (), skip_special_tokens: bool = True):
-        self.tokenizer = tokenizer
         self.stop = stop
-        self.skip_special_tokens = skip_special_tokens
         self.holdback = max((len(s) for s in stop), default=1) - 1
-        self.token_ids: list[int] = []
-        self.text = ""  # all output text so far (truncated at a stop string once matched)
-        self.num_sent = 0  # characters of ``text`` already returned to the caller
+        self._decoder = _decoder(tokenizer, skip_special_tokens)
+        self._unsent = ""  # text produced and not yet returned by ``take``
+        self.num_tokens = 0
         self.stopped = False
-        self._prefix_offset = 0
-        self._read_offset = 0
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def push(self, token_ids: list[int]) -> None:
         """Add generated tokens; sets ``stopped`` when a stop string appears."""
-        if self.stopped:
-            return
         for tok in token_ids:
-            self.token_ids.append(tok)
-            prefix = self._decode(self.token_ids[self._prefix_offset: self._read_offset])
-            full = self._decode(self.token_ids[self._prefix_offset:])
-            if len(full) <= len(prefix) or full.endswith("\ufffd"):
-                continue
-            search_from = max(0, len(self.text) - self.holdback)
-            self.text += full[len(prefix):]
-            self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
-            if self.stop and self._match_stop(search_from):
+            if self.stopped:
                 return
+            self.num_tokens += 1
+            piece = self._decoder.step(tok)
+            if not piece:
+                continue
+            search_from = max(0, len(self._unsent) - self.holdback)  # a match must end in the new piece
+            self._unsent += piece
+            if self.stop:
+                self._match_stop(search_from)
 
-    def _match_stop(self, search_from: int) -> bool:
-        hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+    def _match_stop(self, search_from: int) -> None:
+        hits = [i for i in (self._unsent.find(s, search_from) for s in self.stop) if i >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
+            self._unsent = self._unsent[: min(hits)]
             self.stopped = True
-        return bool(hits)
 
     def take(self, final: bool = False) -> str:
         """Return the text not yet returned; keeps a possible stop-string prefix unless final."""
-        limit = len(self.text) if (final or self.stopped) else max(self.num_sent, len(self.text) - self.holdback)
-        delta = self.text[self.num_sent: limit]
-        self.num_sent = limit
+        if final or self.stopped or not self.holdback:
+            delta, self._unsent = self._unsent, ""
+            return delta
+        keep = min(self.holdback, len(self._unsent))
+        delta, self._unsent = self._unsent[: len(self._unsent) - keep], self._unsent[len(self._unsent) - keep:]
         return delta
