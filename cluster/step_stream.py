@@ -238,12 +238,11 @@ class StepStreamServer:
                 ticket = self._tickets.pop(stream_id, (None, 0.0))[0]
             if ticket is None or not channel_auth.verify(ticket, nonce, stream_id, proof):
                 raise PermissionError("no ticket for that stream, or a wrong proof")
-            sock.sendall(msgpack.packb(["ok"]))
-            sock.settimeout(SEND_TIMEOUT_S)  # from now on only we write: a stalled reader times out
         except (OSError, ValueError, PermissionError, msgpack.UnpackException) as exc:
             log.warning("%s: refused a token-stream connection: %s", self.worker_id, exc)
             _close_socket(sock)
             return
+        # Registered before the "ok": a router that has its ack may call generate() at once.
         channel = _Channel(self, stream_id, sock)
         with self._lock:
             old = self._channels.get(stream_id)
@@ -251,6 +250,13 @@ class StepStreamServer:
         if old is not None:  # the router reconnected: what ran on the old stream was failed there
             old.close()
             self.on_lost(stream_id)
+        try:
+            sock.sendall(msgpack.packb(["ok"]))
+            sock.settimeout(SEND_TIMEOUT_S)  # from now on only we write: a stalled reader times out
+        except OSError as exc:
+            log.warning("%s: token stream %s lost during its handshake: %s", self.worker_id, stream_id, exc)
+            self._drop(channel)
+            return
         channel.thread.start()
 
     def _drop(self, channel: _Channel) -> None:
