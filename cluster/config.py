@@ -47,6 +47,9 @@ class EngineConfig(_Closed):
         "float32", description="weights and activations dtype (float16 needs a GPU)")
     device: Literal["cpu", "cuda"] = Field("cpu", description="where the model runs")
     block_size: int = Field(16, ge=1, le=256, description="tokens per KV-cache block")
+    attention_backend: Literal["auto", "torch"] = Field(
+        "auto", description="how attention runs over the paged KV cache (models/attention_backend.py); auto: the "
+                            "best one registered for the device")
     kv_cache_memory_gb: float = Field(0.5, gt=0, description="memory for the KV cache, GiB")
     max_num_seqs: int = Field(64, ge=1, description="requests in one running batch")
     max_num_batched_tokens: int = Field(2048, ge=16, description="new tokens per step (prefill chunk bound)")

@@ -7,6 +7,11 @@ SwiGLU), which is what makes greedy outputs token-exact against ``generate``.
 
 The forward takes *embeddings*, not ids: the caller embeds text tokens with ``embed`` and splices
 media embeddings in at placeholder positions before calling ``forward``.
+
+Weights load under the checkpoint's names (separate q/k/v and gate/up projections); the loader
+then fuses them (``CausalLM.fuse_projections``): one matmul for q, k and v and one for gate and up
+per layer, as vLLM's ``QKVParallelLinear`` / ``MergedColumnParallelLinear`` do. Each output
+column is still the dot product of the same weight row with the same input.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from models.paged_attention import AttentionMetadata, paged_attention
+from models.attention_backend import StepAttention
 
 SUPPORTED_TEXT_MODEL_TYPES = ("llama", "qwen2")
 
@@ -93,15 +98,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden,
                                 bias=getattr(config, "attention_bias", False) and config.model_type != "qwen2")
+        self.qkv_proj: nn.Linear | None = None  # q, k, v in one, once fuse() ran
 
-    def forward(self, x, cos, sin, layer_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def fuse(self) -> None:
+        self.qkv_proj = _fused_linear(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x, cos, sin, layer_cache, meta: StepAttention) -> torch.Tensor:
         # x: [T, hidden]
-        q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)  # [T, ...] views
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        out = paged_attention(q, k, v, layer_cache, meta)  # [T, H, D]
+        out = meta.attend(q, k, v, layer_cache)  # [T, H, D]
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
 
@@ -113,9 +125,27 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act = ACT2FN[config.hidden_act]
+        self.gate_up_proj: nn.Linear | None = None  # gate and up in one, once fuse() ran
+
+    def fuse(self) -> None:
+        self.gate_up_proj = _fused_linear(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+def _fused_linear(*parts: nn.Linear) -> nn.Linear:
+    """One Linear whose output is ``parts``' outputs side by side (weights concatenated by row)."""
+    has_bias = parts[0].bias is not None
+    w = parts[0].weight
+    fused = nn.Linear(w.shape[1], sum(p.weight.shape[0] for p in parts), bias=has_bias, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        if has_bias:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    return fused.requires_grad_(False)
 
 
 class DecoderLayer(nn.Module):
@@ -158,6 +188,12 @@ class CausalLM(nn.Module):
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def fuse_projections(self) -> None:
+        """Fuse each layer's q/k/v and gate/up projections (after the weights are loaded)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
     @property
     def num_kv_heads(self) -> int:
         return self.config.num_key_value_heads
@@ -177,7 +213,7 @@ class CausalLM(nn.Module):
     def forward(
         self,
         inputs_embeds: torch.Tensor,  # [T, hidden], packed new tokens of the batch
-        meta: AttentionMetadata,
+        meta: StepAttention,
         kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, Hkv, D]
     ) -> torch.Tensor:  # [T, hidden], after the final norm
         x = inputs_embeds

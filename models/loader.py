@@ -127,4 +127,7 @@ def load_model(
     if tied:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
     model.materialize_buffers()
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    if model.language_model is not None:
+        model.language_model.fuse_projections()  # (after the cast: fused in the serving dtype)
+    return model

@@ -14,14 +14,21 @@ One forward step processes a *packed* batch: the new tokens of B sequences conca
 rows (prefill chunks and single decode tokens alike). Each sequence has ``query_len`` new tokens
 and ``context_len`` tokens of KV after the step (prefix already cached + the new ones).
 
-Attention runs per *group* of sequences: the group's KV is gathered a whole block at a time
-(``index_select`` of its block tables: contiguous block_size-token copies, not one copy per
+This is the ``torch`` attention backend (``models.attention_backend``), on any device torch
+runs on. Attention runs per *group* of sequences: the group's KV is gathered a whole block at a
+time (``index_select`` of its block tables: contiguous block_size-token copies, not one copy per
 token) into a padded ``[B, max_blocks * block_size]`` view, and ``scaled_dot_product_attention``
 runs over it with a causal-with-offset mask; padded rows are discarded. Padding is the cost of
 this kernel, so the groups keep it small: prefill chunks and decode tokens never share a group,
 and sequences are grouped by context length (one 2k-token image request in a batch of short
 chats does not pad every chat to 2k). A long prefill starting at position 0 runs alone with no
 mask: SDPA's causal kernel skips the blocks above the diagonal.
+
+The gathers land in two buffers the backend keeps (grown to the largest group seen), not in new
+tensors: a decode step's gathered KV is megabytes per layer, and fresh memory of that size is
+fresh pages from the kernel every time (page faults, zeroing, cold caches) — that cost more than
+the copy itself. In a decode group the queries of one KV head attend as rows of one matrix
+(``[B, Hkv, heads per KV head, D]``), so each KV head's keys are read once, not once per query head.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from models.attention_backend import AttentionBackend, StepAttention
 
 
 @dataclass(frozen=True)
@@ -76,13 +85,45 @@ GROUP_PAD_TOKENS = 256
 PLAIN_CAUSAL_MIN_TOKENS = 256
 
 
+class TorchPagedAttention(AttentionBackend):
+    """Block gathers + ``scaled_dot_product_attention``, with the gather buffers it reuses."""
+
+    name = "torch"
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        super().__init__(device)
+        self._buffers: dict[tuple, torch.Tensor] = {}  # (half, dtype) -> flat gather buffer
+
+    def build(self, query_lens, context_lens, block_tables, block_size) -> "AttentionMetadata":
+        return AttentionMetadata.build(query_lens, context_lens, block_tables, block_size, self.device, backend=self)
+
+    def gather(self, layer_cache: torch.Tensor, half: int, index: torch.Tensor) -> torch.Tensor:
+        """``layer_cache[half][index]`` ([n, block_size, Hkv, D]) in this backend's buffer for
+        ``half``: valid until the next gather of that half."""
+        src = layer_cache[half]
+        shape = (index.numel(), *src.shape[1:])
+        numel = shape[0] * src[0].numel()
+        key = (half, src.dtype)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self._buffers[key] = torch.empty(max(numel, 2 * (buf.numel() if buf is not None else 0)),
+                                                   dtype=src.dtype, device=src.device)
+        out = buf[:numel].view(shape)
+        torch.index_select(src, 0, index, out=out)
+        return out
+
+
 @dataclass
-class AttentionMetadata:
+class AttentionMetadata(StepAttention):
     """Everything attention needs for one packed step; built once, shared by every layer."""
 
     positions: torch.Tensor  # [T] int64, position of each new token in its sequence
     slot_mapping: torch.Tensor  # [T] int64, cache slot where each new token's K/V is written
     groups: list[AttentionGroup]
+    backend: TorchPagedAttention | None = None  # its gather buffers (None: gather into new tensors)
+
+    def attend(self, q, k, v, layer_cache) -> torch.Tensor:
+        return paged_attention(q, k, v, layer_cache, self)
 
     @classmethod
     def build(
@@ -92,6 +133,7 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device | str = "cpu",
+        backend: TorchPagedAttention | None = None,
     ) -> "AttentionMetadata":
         """Build the step's metadata from per-sequence lengths and block tables.
 
@@ -112,7 +154,7 @@ class AttentionMetadata:
                 [block_tables[b] for b in seqs], block_size, [row_starts[b] for b in seqs], device)
             positions[rows], slot_mapping[rows] = pos, slots
             groups.append(group)
-        return cls(positions.to(device), slot_mapping.to(device), groups)
+        return cls(positions.to(device), slot_mapping.to(device), groups, backend)
 
 
 def _partition(query_lens: list[int], context_lens: list[int]) -> list[list[int]]:
@@ -194,24 +236,32 @@ def paged_attention(
     v_flat = layer_cache[1].view(-1, num_kv_heads, head_dim)
     k_flat[meta.slot_mapping] = k.to(k_flat.dtype)
     v_flat[meta.slot_mapping] = v.to(v_flat.dtype)
+    backend = meta.backend
     if len(meta.groups) == 1 and isinstance(meta.groups[0].rows, slice):
-        return _attend_group(q, layer_cache, meta.groups[0])
+        return _attend_group(q, layer_cache, meta.groups[0], backend)
     out = torch.empty_like(q)
     for g in meta.groups:
         if isinstance(g.rows, slice):
-            out[g.rows] = _attend_group(q[g.rows], layer_cache, g)
+            out[g.rows] = _attend_group(q[g.rows], layer_cache, g, backend)
         else:
-            out.index_copy_(0, g.rows, _attend_group(q.index_select(0, g.rows), layer_cache, g))
+            out.index_copy_(0, g.rows, _attend_group(q.index_select(0, g.rows), layer_cache, g, backend))
     return out
 
 
-def _attend_group(q, layer_cache, g: AttentionGroup) -> torch.Tensor:
+def _attend_group(q, layer_cache, g: AttentionGroup, backend: TorchPagedAttention | None) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = layer_cache.shape[-2]
     # [B * max_blocks, block_size, Hkv, D] -> [B, Hkv, max_blocks * block_size, D]
-    keys = layer_cache[0].index_select(0, g.block_tables).view(g.batch_size, -1, num_kv_heads, head_dim)
-    values = layer_cache[1].index_select(0, g.block_tables).view(g.batch_size, -1, num_kv_heads, head_dim)
-    keys, values = keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype)
+    if backend is not None:
+        keys, values = backend.gather(layer_cache, 0, g.block_tables), backend.gather(layer_cache, 1, g.block_tables)
+    else:
+        keys, values = layer_cache[0].index_select(0, g.block_tables), layer_cache[1].index_select(0, g.block_tables)
+    keys = keys.view(g.batch_size, -1, num_kv_heads, head_dim).transpose(1, 2).to(q.dtype)
+    values = values.view(g.batch_size, -1, num_kv_heads, head_dim).transpose(1, 2).to(q.dtype)
+    if g.max_q == 1 and g.attn_mask is not None:  # decode: a KV head's query heads are rows of one query
+        queries = q.view(g.batch_size, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=g.attn_mask)  # [B, Hkv, G, D]
+        return out.reshape(-1, num_heads, head_dim)
     if g.query_index is None:  # one sequence, or one token per sequence: no query padding
         queries = q.view(g.batch_size, -1, num_heads, head_dim)
     else:

@@ -1,4 +1,5 @@
-"""Paged attention against dense causal attention, for every way a step groups its sequences."""
+"""Paged attention against dense causal attention, for every way a step groups its sequences, on
+every attention backend this machine can run."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.paged_attention import AttentionMetadata, KVCacheSpec, _partition, paged_attention
+from models.attention_backend import backends_for, make_attention_backend
+from models.paged_attention import KVCacheSpec, _partition
+
+CPU_BACKENDS = backends_for("cpu")
 
 BLOCK, HKV, H, D = 4, 2, 4, 8
 
@@ -22,9 +26,10 @@ def _reference(q_all, k_all, v_all, start):
     return out[0].transpose(0, 1)
 
 
-def _run_step(seqs, seed=0):
+def _run_step(seqs, seed=0, backend="torch", attention=None):
     """seqs: (query_len, context_len) per sequence. Pre-fills each sequence's cached prefix, runs
     one packed step and checks every row against the dense reference."""
+    attention = attention or make_attention_backend(backend)
     gen = torch.Generator().manual_seed(seed)
     spec = KVCacheSpec(1, 1600, BLOCK, HKV, D, torch.float32)
     cache = spec.allocate()[0]
@@ -41,10 +46,10 @@ def _run_step(seqs, seed=0):
         keys.append(k)
         values.append(v)
         qs.append(torch.randn(q_len, H, D, generator=gen))
-    meta = AttentionMetadata.build([s[0] for s in seqs], [s[1] for s in seqs], tables, BLOCK)
+    meta = attention.build([s[0] for s in seqs], [s[1] for s in seqs], tables, BLOCK)
     new_k = torch.cat([k[ctx - q_len:] for k, (q_len, ctx) in zip(keys, seqs)])
     new_v = torch.cat([v[ctx - q_len:] for v, (q_len, ctx) in zip(values, seqs)])
-    out = paged_attention(torch.cat(qs), new_k, new_v, cache, meta)
+    out = meta.attend(torch.cat(qs), new_k, new_v, cache)
     row = 0
     for (q_len, ctx), q, k, v in zip(seqs, qs, keys, values):
         expected = _reference(q, k, v, ctx - q_len)
@@ -63,8 +68,24 @@ def _run_step(seqs, seed=0):
     [(1, 12), (7, 7), (1, 600), (5, 21), (3, 3), (1, 30)],  # decode and prefill interleaved
     [(2, 700), (280, 280), (1, 5), (6, 6), (40, 900), (1, 650)],  # every kind of group at once
 ])
-def test_paged_attention_matches_dense(seqs):
-    _run_step(seqs)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_paged_attention_matches_dense(seqs, backend):
+    _run_step(seqs, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_one_backend_serves_steps_of_growing_and_shrinking_size(backend):
+    """Its reusable buffers neither leak one step's KV into the next nor break when a step
+    needs more (or less) than the last."""
+    attention = make_attention_backend(backend)
+    for i, seqs in enumerate([[(1, 5)], [(1, 900), (1, 40)] * 3, [(3, 3)], [(1, 1000), (7, 700)], [(1, 9)]]):
+        _run_step(seqs, seed=i, attention=attention)
+
+
+def test_auto_and_unknown_backends():
+    assert make_attention_backend("auto").name == CPU_BACKENDS[0]
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        make_attention_backend("nope")
 
 
 def test_decode_groups_bound_padding_and_keep_every_row():

@@ -46,3 +46,28 @@ def test_top_k_and_top_p_restrict_support():
 def test_invalid_params_are_rejected(kwargs, match):
     with pytest.raises(InvalidRequestError, match=match):
         SamplingParams(**kwargs).validate(max_tokens_limit=4096, vocab_size=1000)
+
+
+def test_batched_sampling_follows_the_filtered_distribution():
+    """Each sampled row of a mixed batch draws from softmax(logits / T) restricted by its own top-k
+    and top-p, and greedy rows in the same batch stay argmax."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
+    params = [SamplingParams(), SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=3),
+              SamplingParams(temperature=1.0, top_p=0.8)]
+    states = [SamplerState.create(p) for p in params]
+    n = 4000
+    counts = torch.zeros(len(params), 5)
+    torch.manual_seed(0)
+    for _ in range(n // 100):
+        picks = torch.tensor([sample(logits.expand(len(params), 5), states) for _ in range(100)])
+        for row in range(len(params)):
+            counts[row] += torch.bincount(picks[:, row], minlength=5)
+    assert counts[0, 0] == n  # greedy
+    expected_t = torch.softmax(logits[0] / 0.7, -1)
+    expected_k = torch.softmax(logits[0, :3], -1)
+    base = torch.softmax(logits[0], -1)  # 0.64, 0.24, 0.09, ...: the mass before the third is past 0.8
+    expected_p = base[:2] / base[:2].sum()
+    for row, expected in ((1, expected_t), (2, expected_k), (3, expected_p)):
+        freq = counts[row, :len(expected)] / n
+        assert counts[row, len(expected):].sum() == 0
+        assert torch.allclose(freq, expected, atol=0.03), (row, freq, expected)

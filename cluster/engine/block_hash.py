@@ -45,7 +45,6 @@ def extend_block_hashes(req: Request, block_size: int, num_tokens: int) -> None:
     num_full = num_tokens // block_size
     if len(req.block_hashes) >= num_full:
         return
-    tokens = req.all_token_ids
     for i in range(len(req.block_hashes), num_full):
         lo, hi = i * block_size, (i + 1) * block_size
         media = []
@@ -56,4 +55,4 @@ def extend_block_hashes(req: Request, block_size: int, num_tokens: int) -> None:
                     return
                 media.append((start - lo, start - slot.offset, end - start, slot.content_hash))
         parent = req.block_hashes[-1] if req.block_hashes else ROOT
-        req.block_hashes.append(hash_block(parent, tokens[lo:hi], media))
+        req.block_hashes.append(hash_block(parent, req.token_ids(lo, hi), media))

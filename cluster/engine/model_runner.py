@@ -1,9 +1,10 @@
 """``ModelRunner``: executes one scheduled step of the language model over the paged KV cache.
 
 It owns the cache tensor and turns a ``ScheduledBatch`` into the packed inputs the model takes:
-token embeddings with media embeddings spliced in at their placeholder positions, positions,
-slot mapping and block tables (``AttentionMetadata``). It samples for the requests whose step
-reaches the end of their tokens and returns those tokens; it changes no request state.
+token embeddings with media embeddings spliced in at their placeholder positions, and the step's
+attention metadata, built once for every layer by the attention backend
+(``models.attention_backend``). It samples for the requests whose step reaches the end of their
+tokens and returns those tokens; it changes no request state.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ import torch
 from cluster.engine.request import Request
 from cluster.engine.sampling import sample
 from cluster.engine.scheduler import ScheduledBatch
+from models.attention_backend import make_attention_backend
 from models.llm import CausalLM
-from models.paged_attention import AttentionMetadata, KVCacheSpec
+from models.paged_attention import KVCacheSpec
 
 
 class ModelRunner:
     def __init__(self, lm: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", attention_backend: str = "auto"):
         self.lm = lm
         self.device = torch.device(device)
+        self.attention = make_attention_backend(attention_backend, self.device)
         self.spec = KVCacheSpec(
             num_layers=lm.num_layers, num_blocks=num_blocks, block_size=block_size,
             num_kv_heads=lm.num_kv_heads, head_dim=lm.head_dim, dtype=dtype,
@@ -34,18 +37,15 @@ class ModelRunner:
         """Run one step; returns the sampled token per request (None: mid-prefill chunk)."""
         starts = [r.num_computed_tokens for r in batch.requests]
         ends = [s + n for s, n in zip(starts, batch.num_new_tokens)]
-        token_ids = [t for r, s, e in zip(batch.requests, starts, ends) for t in r.all_token_ids[s:e]]
+        token_ids = [t for r, s, e in zip(batch.requests, starts, ends) for t in r.token_ids(s, e)]
         embeds = self.lm.embed(torch.tensor(token_ids, dtype=torch.int64, device=self.device))
         row = 0
         for req, s, e in zip(batch.requests, starts, ends):
             self._splice_media(embeds[row: row + e - s], req, s, e)
             row += e - s
 
-        meta = AttentionMetadata.build(
-            query_lens=batch.num_new_tokens, context_lens=ends,
-            block_tables=[r.block_ids for r in batch.requests],
-            block_size=self.spec.block_size, device=self.device,
-        )
+        meta = self.attention.build(batch.num_new_tokens, ends, [r.block_ids for r in batch.requests],
+                                    self.spec.block_size)
         hidden = self.lm(embeds, meta, self.kv_cache)  # [T, hidden]
 
         # Sample only for requests whose step covered all their tokens.

@@ -6,9 +6,9 @@ Lifecycle::
        ▲                                     │ └──abort / error──────▶ FINISHED_{ABORTED,ERROR}
        └──────preempted (blocks freed)───────┘
 
-Every step processes ``all_token_ids[num_computed_tokens : num_computed_tokens + n]`` for each
+Every step processes ``token_ids(num_computed_tokens, num_computed_tokens + n)`` for each
 scheduled request: a prefill chunk (n up to the token budget) or one decode token (n = 1) are the
-same operation. When a step reaches the end of ``all_token_ids`` a token is sampled and appended.
+same operation. When a step reaches the end of the tokens a token is sampled and appended.
 A request that arrives with its KV already computed elsewhere (disaggregated decode) starts in
 RUNNING with ``num_computed_tokens = len(prompt)`` and its first token in ``output_token_ids``.
 With prefix caching, admission may start it at ``num_computed_tokens = num_cached_tokens > 0``:
@@ -80,9 +80,15 @@ class Request:
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + outputs, without building the whole list (a decode
+        step asks for one token: O(1), not O(length))."""
+        n = len(self.prompt_token_ids)
+        if start >= n:
+            return self.output_token_ids[start - n: end - n]
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
 
     @property
     def num_tokens(self) -> int:
