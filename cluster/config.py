@@ -50,6 +50,10 @@ class EngineConfig(_Closed):
     attention_backend: Literal["auto", "torch"] = Field(
         "auto", description="how attention runs over the paged KV cache (models/attention_backend.py); auto: the "
                             "best one registered for the device")
+    linear_backend: Literal["auto", "torch", "onednn"] = Field(
+        "auto", description="how the decoder layers' projections run (models/linear.py): onednn reorders each "
+                            "weight once for oneDNN's CPU matmul; torch keeps F.linear; auto: onednn where the CPU "
+                            "has a kernel for the dtype")
     kv_cache_memory_gb: float = Field(0.5, gt=0, description="memory for the KV cache, GiB")
     max_num_seqs: int = Field(64, ge=1, description="requests in one running batch")
     max_num_batched_tokens: int = Field(2048, ge=16, description="new tokens per step (prefill chunk bound)")

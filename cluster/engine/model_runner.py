@@ -15,15 +15,17 @@ from cluster.engine.request import Request
 from cluster.engine.sampling import sample
 from cluster.engine.scheduler import ScheduledBatch
 from models.attention_backend import make_attention_backend
+from models.linear import apply_linear_backend
 from models.llm import CausalLM
 from models.paged_attention import KVCacheSpec
 
 
 class ModelRunner:
     def __init__(self, lm: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", attention_backend: str = "auto"):
+                 device: torch.device | str = "cpu", attention_backend: str = "auto", linear_backend: str = "auto"):
         self.lm = lm
         self.device = torch.device(device)
+        self.linear_backend = apply_linear_backend(lm.model.layers, linear_backend, dtype, self.device)
         self.attention = make_attention_backend(attention_backend, self.device)
         self.spec = KVCacheSpec(
             num_layers=lm.num_layers, num_blocks=num_blocks, block_size=block_size,
