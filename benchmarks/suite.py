@@ -12,6 +12,8 @@ Comparisons (``COMPARISONS``; each returns the dict ``benchmarks.report`` render
   for the KV of the prompt up to its new text, the prefill worker's prefix cache).
 * ``scaling``: TTFT against image tokens per request (linear fit), throughput against decode
   workers where the machine has the cores.
+* ``peer_client``: vLLM's own load generator (``vllm bench serve``) against disaggregated,
+  colocated and vLLM, text and image loads (``benchmarks.peer_client``).
 
 Fairness: every server is a separate process on known cores (``CoreLayout``); this process (the
 load generator) pins itself to the client cores; server-side histograms (``/metrics``) are
@@ -30,6 +32,7 @@ from typing import Any
 
 from benchmarks.harness import (GOODPUT_SERVERS, Suite, comparison, distortion_notes, note_skipped, ratio_of,
                                 settle, to_ms)
+from benchmarks.peer_client import peer_client
 
 
 # -- (a) isolation ----------------------------------------------------------------------------------------
@@ -417,7 +420,7 @@ async def scaling(suite: Suite) -> dict[str, Any]:
 
 
 COMPARISONS = {"isolation": isolation, "goodput": goodput, "kv_transfer": kv_transfer,
-               "encoder_cache": encoder_cache, "scaling": scaling}
+               "encoder_cache": encoder_cache, "scaling": scaling, "peer_client": peer_client}
 
 
 async def run_all(suite: Suite, names: list[str]) -> list[dict[str, Any]]:

@@ -52,6 +52,15 @@ ARCHS = ("llava-clip-llama", "llava-siglip-qwen2", "qwen2-audio")
 # Bump when the output of build_tiny_model changes: it names the cache folder.
 TINY_MODEL_VERSION = "v1"
 
+# Language-model sizes (`build_tiny_model(size=...)`): "tiny" for tests; "100m" for engine
+# benchmarks, where a step must move enough weight bytes to be bound by memory bandwidth, as a
+# real model's is (98M parameters in the LLaVA build: hidden 1024, 8 layers, 16 q / 4 kv heads).
+TEXT_SIZES: dict[str, dict] = {
+    "tiny": {},
+    "100m": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
+             "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64},
+}
+
 _BPE_VOCAB_SIZE = 1536  # cap incl. 256 byte tokens; the corpus runs out first, at ~1.1k
 _INIT_STD = 0.15  # transformers' default 0.02 gives near-flat logits and loops at hidden 256
 _FINAL_NORM_GAIN = 3.0  # spreads the logits apart: fewer greedy near-ties
@@ -561,20 +570,27 @@ def build_tiny_model(
     seed: int = 0,
     max_shard_size: str | None = None,
     hub_layout: bool = False,
+    size: str = "tiny",
 ) -> Path:
     """Write a tiny random-weight `arch` checkpoint (HF format, fp32) into `out_dir`.
 
-    Deterministic: the same (arch, seed, max_shard_size, hub_layout) gives byte-identical files.
-    `max_shard_size` (e.g. "200KB") splits the weights into shards plus
-    `model.safetensors.index.json`; `hub_layout` writes the hub checkpoints' weight names.
+    Deterministic: the same (arch, seed, max_shard_size, hub_layout, size) gives byte-identical
+    files. `max_shard_size` (e.g. "200KB") splits the weights into shards plus
+    `model.safetensors.index.json`; `hub_layout` writes the hub checkpoints' weight names; `size`
+    (a `TEXT_SIZES` key) scales the language model up for benchmarks.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown tiny arch {arch!r}; expected one of {ARCHS}")
+    if size not in TEXT_SIZES:
+        raise ValueError(f"unknown size {size!r}; expected one of {tuple(TEXT_SIZES)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tokenizer = _build_tokenizer(arch)
     config = _build_config(arch, tokenizer)
+    if TEXT_SIZES[size]:
+        text = config.get_text_config()
+        config.text_config = type(text)(**{**text.to_dict(), **TEXT_SIZES[size]})
     # Never generated: every added/special token and the vocab padding past the tokenizer.
     never_generated_ids = sorted(tokenizer.added_tokens_decoder) + list(
         range(len(tokenizer), config.get_text_config().vocab_size)

@@ -89,3 +89,18 @@ def test_bench_command_line(capsys):
     assert main(["bench", "workloads"]) == 0
     assert "multi_image" in capsys.readouterr().out
     assert main(["bench", "workloads", "--show", "nope"]) == 2
+
+
+def test_peer_client_loads_and_slo_rule():
+    from benchmarks.peer_client import IMAGE_RATES, SLO_TPOT_MS, SLO_TTFT_MS, loads, meets_slo
+
+    full = loads(quick=False)
+    assert [lb for lb, _, _ in full] == ["text 32 streams"] + [f"images @ {r:g} req/s" for r in IMAGE_RATES]
+    assert full[0][2] == 128 and "--max-concurrency" in full[0][1]
+    assert all("--request-rate" in flags and n >= 40 for _, flags, n in full[1:])
+    assert len(loads(quick=True)) == 2
+    ok = {"completed": 60, "num_prompts": 60, "p99_ttft_ms": SLO_TTFT_MS, "p99_tpot_ms": SLO_TPOT_MS - 1}
+    assert meets_slo(ok)
+    assert not meets_slo({**ok, "p99_tpot_ms": SLO_TPOT_MS + 0.1})
+    assert not meets_slo({**ok, "completed": 59})  # a failed request fails the rate
+    assert not meets_slo({**ok, "p99_ttft_ms": None})
