@@ -161,3 +161,18 @@ def test_a_worker_that_closes_fails_the_stream_at_once(server):
         return lost
 
     assert asyncio.run(run())[0].startswith("connection closed")
+
+
+def test_the_stream_is_open_on_the_worker_once_the_router_has_its_ack(server):
+    """A router calls generate() right after connect(): the worker must already know the stream
+    (it registers the channel before it acknowledges; CI once saw the reverse order race)."""
+
+    async def connect_many():
+        for i in range(20):
+            info = server.issue(f"router-{i}")
+            client = await StepStreamClient.connect(info["host"], info["port"], f"router-{i}", info["ticket"],
+                                                    lambda _: None, lambda _: None)
+            assert server.is_open(f"router-{i}")
+            client.close()
+
+    asyncio.run(connect_many())
