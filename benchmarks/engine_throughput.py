@@ -46,6 +46,18 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _time_runs(run, prompt, long_prompt, batches: list[int], output_len: int, repeats: int) -> dict:
+    """``run(prompt, batch, n)`` generates n tokens for batch copies of prompt: the median times of
+    n = output_len and n = 1 per batch (after a warm-up of that batch), and of the long prefill."""
+    rows = []
+    for batch in batches:
+        run(prompt, batch, 4)
+        rows.append({"batch": batch, "t_full": _median_time(lambda: run(prompt, batch, output_len), repeats),
+                     "t_one": _median_time(lambda: run(prompt, batch, 1), repeats)})
+    run(long_prompt, 1, 1)
+    return {"rows": rows, "prefill_s": _median_time(lambda: run(long_prompt, 1, 1), repeats)}
+
+
 def read_bandwidth_gb_s(repeats: int = 5) -> float:
     """Single-thread read bandwidth: the best of ``repeats`` sums over a 512 MiB float32 tensor."""
     x = torch.ones(128 << 20)
@@ -103,15 +115,9 @@ def bench_tessera(path: Path, dtype: str, batches: list[int], ids: list[int], pr
         outs = engine.generate([(text, [], sp)] * batch)
         assert all(len(o.token_ids) == n for o in outs)
 
-    rows = []
-    for batch in batches:
-        run(prompt, batch, 4)
-        rows.append({"batch": batch, "t_full": _median_time(lambda: run(prompt, batch, output_len), repeats),
-                     "t_one": _median_time(lambda: run(prompt, batch, 1), repeats)})
-    run(long_prompt, 1, 1)
-    result = {"rows": rows, "prefill_s": _median_time(lambda: run(long_prompt, 1, 1), repeats),
-              "weight_bytes": lm_weight_bytes(engine.model, engine.config.torch_dtype), "linear_backend": engine.runner.linear_backend}
-    return result
+    return {**_time_runs(run, prompt, long_prompt, batches, output_len, repeats),
+            "weight_bytes": lm_weight_bytes(engine.model, engine.config.torch_dtype),
+            "linear_backend": engine.runner.linear_backend}
 
 
 def bench_transformers(path: Path, dtype: str, batches: list[int], ids: list[int], prefill: list[int],
@@ -126,13 +132,7 @@ def bench_transformers(path: Path, dtype: str, batches: list[int], ids: list[int
             hf.generate(input_ids=batch_ids, attention_mask=torch.ones_like(batch_ids), do_sample=False,
                         max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
 
-    rows = []
-    for batch in batches:
-        run(ids, batch, 4)
-        rows.append({"batch": batch, "t_full": _median_time(lambda: run(ids, batch, output_len), repeats),
-                     "t_one": _median_time(lambda: run(ids, batch, 1), repeats)})
-    run(prefill, 1, 1)
-    return {"rows": rows, "prefill_s": _median_time(lambda: run(prefill, 1, 1), repeats)}
+    return _time_runs(run, ids, prefill, batches, output_len, repeats)
 
 
 def bench_vllm(venv: Path, core: int, path: Path, dtype: str, batches: list[int], ids: list[int],

@@ -145,6 +145,23 @@ class Suite:
         seen = {(p["process"], p["cores"]) for p in self.placement}
         self.placement += [p for p in rows if (p["process"], p["cores"]) not in seen]
 
+    async def serve_each(self, comp: dict[str, Any], starters):
+        """For each ``(name, start)``: start the server, yield ``(name, server)``, stop it once the
+        loop body is done. One that cannot start is noted in ``comp`` and skipped. Iterate inside
+        ``contextlib.aclosing`` so a body that raises still stops its server."""
+        from benchmarks.servers import ServerUnavailable
+
+        for name, start in starters:
+            try:
+                server = await start()
+            except ServerUnavailable as exc:
+                note_skipped(comp, f"{name}: {exc}")
+                continue
+            try:
+                yield name, server
+            finally:
+                await self.stop(server)
+
     async def stop(self, server) -> None:
         if server in self._servers:
             self._servers.remove(server)

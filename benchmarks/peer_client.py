@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -94,22 +95,16 @@ async def peer_client(suite: Suite) -> dict[str, Any]:
         return settle(comp, False)
     quick = s.warmup_requests <= 1
     results: dict[str, dict[str, dict[str, Any]]] = {}
-    for name, start in (("disaggregated", lambda: suite.start_tessera("disaggregated")),
-                        ("colocated", lambda: suite.start_tessera("colocated")), ("vLLM", suite.start_vllm)):
-        try:
-            server = await start()
-        except ServerUnavailable as exc:
-            note_skipped(comp, f"{name}: {exc}")
-            continue
-        try:
+    starters = (("disaggregated", lambda: suite.start_tessera("disaggregated")),
+                ("colocated", lambda: suite.start_tessera("colocated")), ("vLLM", suite.start_vllm))
+    async with aclosing(suite.serve_each(comp, starters)) as servers:
+        async for name, server in servers:
             for label, flags, _ in loads(True)[:2]:  # warm-up: both shapes, other seeds
                 await asyncio.to_thread(bench_serve, suite, server, f"warmup {label}", flags, 8, s.seed + 1000)
             results[name] = {}
             for label, flags, n in loads(quick):
                 results[name][label] = summarize(await asyncio.to_thread(bench_serve, suite, server, label, flags, n,
                                                                          s.seed))
-        finally:
-            await suite.stop(server)
     columns = ["load", "server", "output tok/s", "req/s", "goodput req/s", "TTFT p50", "TTFT p99", "TPOT p50",
                "TPOT p99", "ITL p99", "done"]
     rows = [[label, name, r["output_throughput"], r["request_throughput"], r["request_goodput"], r["median_ttft_ms"],

@@ -27,6 +27,7 @@ import asyncio
 import math
 import sys
 import time
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
@@ -117,7 +118,6 @@ async def isolation(suite: Suite) -> dict[str, Any]:
 async def goodput(suite: Suite) -> dict[str, Any]:
     from benchmarks.loadgen import LoadConfig
     from benchmarks.metrics import GoodputSearch
-    from benchmarks.servers import ServerUnavailable
     from benchmarks.workloads import generate_requests, load_workload
 
     s = suite.settings
@@ -131,13 +131,8 @@ async def goodput(suite: Suite) -> dict[str, Any]:
         ("vLLM CPU", suite.start_vllm)) if GOODPUT_SERVERS[name] in s.goodput_servers]
     if "vllm" not in s.goodput_servers:
         comp["notes"].append("vLLM not measured (--no-vllm / --goodput-servers)")
-    for name, start in starters:
-        try:
-            server = await start()
-        except ServerUnavailable as exc:
-            note_skipped(comp, f"{name}: {exc}")
-            continue
-        try:
+    async with aclosing(suite.serve_each(comp, starters)) as servers:
+        async for name, server in servers:
             await suite.warmup(server, "multi_image", protocol="http")
             if slo is None:
                 slo = await _calibrate_slo(suite, server, spec)
@@ -158,8 +153,6 @@ async def goodput(suite: Suite) -> dict[str, Any]:
                                "server": run["server"], "run": run["run"]})
             result = search.result()
             targets[name] = {**result.to_dict(), "probes": probes}
-        finally:
-            await suite.stop(server)
     rows = []
     for name, t in targets.items():
         for p in t["probes"]:

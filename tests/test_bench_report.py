@@ -104,3 +104,45 @@ def test_peer_client_loads_and_slo_rule():
     assert not meets_slo({**ok, "p99_tpot_ms": SLO_TPOT_MS + 0.1})
     assert not meets_slo({**ok, "completed": 59})  # a failed request fails the rate
     assert not meets_slo({**ok, "p99_ttft_ms": None})
+
+
+def test_serve_each_skips_servers_that_cannot_start_and_always_stops_the_others(tmp_path):
+    import asyncio
+    from contextlib import aclosing
+
+    from benchmarks.affinity import CoreLayout
+    from benchmarks.harness import Settings, Suite, comparison
+
+    class Server:
+        def __init__(self, name):
+            self.name, self.stopped = name, False
+
+        def stop(self):
+            self.stopped = True
+
+    started = []
+
+    async def start(name):
+        started.append(Server(name))
+        return started[-1]
+
+    async def unavailable():
+        raise ServerUnavailable("no venv")
+
+    suite = Suite(Settings.quick(), CoreLayout.for_cores([0, 1]), tmp_path)
+    comp = comparison("x", "x")
+    seen = []
+
+    async def main():
+        async with aclosing(suite.serve_each(comp, [("a", lambda: start("a")), ("peer", unavailable),
+                                                   ("b", lambda: start("b"))])) as servers:
+            async for name, server in servers:
+                seen.append((name, server.stopped))
+                if name == "b":
+                    raise RuntimeError("the run broke")
+
+    with pytest.raises(RuntimeError, match="the run broke"):
+        asyncio.run(main())
+    assert seen == [("a", False), ("b", False)]
+    assert [s.stopped for s in started] == [True, True]
+    assert "peer: no venv" in comp["notes"] and "no venv" in comp["reason"]
