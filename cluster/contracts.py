@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from cluster.engine.sampling import SamplingParams
 
 
@@ -45,6 +47,11 @@ class PrefillRequest:
     # content hash of each media item (DecodedMedia.content_hash, hex), in item order: the prefix
     # cache keys KV blocks by them; empty (unknown): no KV block from the first media item on is reused
     media_hashes: list[str] = field(default_factory=list)
+    # M-RoPE models (Qwen-VL, models/mrope.py): [3, n] int64 positions of the first n prompt
+    # tokens as the router planned them (n < len(prompt) on a re-prefill after migration), and
+    # the delta of every later token (position = index + delta). None / 0: positions are indices.
+    mrope_positions: torch.Tensor | None = None
+    position_delta: int = 0
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,8 @@ class DecodeRequest:
     sampler_state: bytes | None = None  # PrefillFirstToken.sampler_state (seeded sampling); None otherwise
     # the router's token stream on this worker (``open_step_stream``): where the outputs go
     stream_id: str = ""
+    # M-RoPE models: PrefillRequest.position_delta; decode token i sits at position i + delta
+    position_delta: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Media encoders: vision tower + projector (LLaVA) and audio tower + projector (Qwen2-Audio).
+"""Media encoders: vision tower + projector (LLaVA), the Qwen2-VL vision transformer (patch
+merger included) and audio tower + projector (Qwen2-Audio).
 
 Towers are stateless forwards, so they reuse ``transformers``' modules (CLIP, SigLIP, the
 Whisper-style Qwen2-Audio encoder); the selection logic around them (feature layer, CLS
@@ -49,6 +50,31 @@ class VisionEncoder(nn.Module):
         if self.select_strategy == "default":
             feats = [f[:, 1:] for f in feats]
         return list(self.multi_modal_projector(torch.cat(feats, dim=-1)))
+
+
+class QwenVLVisionEncoder(nn.Module):
+    """Qwen2-VL vision path: a ViT over the flattened patches of every image of the batch at once
+    (each image attends within itself: cumulative lengths from ``grid_thw``), then the 2x2 patch
+    merger into the LM's hidden size — the reference ``get_image_features``."""
+
+    modality = "image"
+
+    def __init__(self, config):
+        super().__init__()
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+        self.visual = Qwen2VisionTransformerPretrainedModel._from_config(config.vision_config)
+        self.spatial_merge_size = config.vision_config.spatial_merge_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.patch_embed.proj.weight.dtype
+
+    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        # pixel_values: [sum of patches, C * temporal_patch * patch^2]; image_grid_thw: [N, 3]
+        # -> N x [t * h * w / merge^2, lm_hidden]
+        merged = self.visual(pixel_values.to(self.dtype), grid_thw=image_grid_thw).pooler_output
+        return list(merged.split((image_grid_thw.prod(-1) // self.spatial_merge_size ** 2).tolist()))
 
 
 class AudioEncoder(nn.Module):

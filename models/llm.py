@@ -24,7 +24,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from models.attention_backend import StepAttention
 
-SUPPORTED_TEXT_MODEL_TYPES = ("llama", "qwen2")
+SUPPORTED_TEXT_MODEL_TYPES = ("llama", "qwen2", "qwen2_vl_text")
+_QKV_BIAS_TYPES = ("qwen2", "qwen2_vl_text")  # Qwen2 (and the Qwen2-VL LM): q/k/v bias, none on o_proj
 
 
 class RMSNorm(nn.Module):
@@ -50,6 +51,16 @@ class RotaryEmbedding(nn.Module):
         # Kept in float32 outside the module's buffers so casting the model to bf16 never rounds it
         # (transformers keeps it in float32 too); moved to the compute device on first use.
         self.inv_freq = inv_freq.float()
+        # M-RoPE (Qwen2-VL family): frequency f rotates by the position on axis mrope_axis[f]
+        # (temporal, height, width sections in order); positions then come as [3, T].
+        params = getattr(config, "rope_parameters", None) or {}
+        section = params.get("mrope_section")
+        if section is not None and params.get("mrope_interleaved"):
+            raise ValueError("interleaved M-RoPE (Qwen3-VL) is not supported yet")
+        if section is not None and sum(section) != self.inv_freq.numel():
+            raise ValueError(f"mrope_section {section} does not cover the {self.inv_freq.numel()} rotary frequencies")
+        self.mrope_axis = (None if section is None else torch.tensor(  # (a real tensor under the meta device too)
+            [i % 3 for i, n in enumerate(section) for _ in range(n)], dtype=torch.int64, device="cpu"))
 
     @staticmethod
     def _init_inv_freq(config) -> tuple[torch.Tensor, float]:
@@ -68,11 +79,20 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"unsupported rope_type {rope_type!r}")
         return inv_freq, scaling
 
+    @property
+    def is_mrope(self) -> bool:
+        return self.mrope_axis is not None
+
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [T] -> cos, sin: [T, 1, head_dim] (broadcast over heads)
+        # positions: [T] (or [3, T] with M-RoPE) -> cos, sin: [T, 1, head_dim] (broadcast over heads)
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions[:, None].float() * self.inv_freq[None, :]
+            if self.mrope_axis is not None:
+                self.mrope_axis = self.mrope_axis.to(positions.device)
+        if positions.dim() == 2:  # [3, T]: each frequency takes the position of its axis
+            freqs = positions.index_select(0, self.mrope_axis).t().float() * self.inv_freq[None, :]
+        else:
+            freqs = positions[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_scaling).to(dtype)
         sin = (emb.sin() * self.attention_scaling).to(dtype)
@@ -91,13 +111,13 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         # Qwen2 has q/k/v bias; Llama has `attention_bias` (False in every released checkpoint).
-        qkv_bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
+        qkv_bias = config.model_type in _QKV_BIAS_TYPES or getattr(config, "attention_bias", False)
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden,
-                                bias=getattr(config, "attention_bias", False) and config.model_type != "qwen2")
+                                bias=getattr(config, "attention_bias", False) and config.model_type not in _QKV_BIAS_TYPES)
         self.qkv_proj: nn.Linear | None = None  # q, k, v in one, once fuse() ran
 
     def fuse(self) -> None:
@@ -195,6 +215,11 @@ class CausalLM(nn.Module):
             layer.mlp.fuse()
 
     @property
+    def is_mrope(self) -> bool:
+        """Positions are [3, T] (temporal, height, width), given per step by the runner."""
+        return self.model.rotary_emb.is_mrope
+
+    @property
     def num_kv_heads(self) -> int:
         return self.config.num_key_value_heads
 
@@ -215,9 +240,10 @@ class CausalLM(nn.Module):
         inputs_embeds: torch.Tensor,  # [T, hidden], packed new tokens of the batch
         meta: StepAttention,
         kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, Hkv, D]
+        positions: torch.Tensor | None = None,  # [3, T] M-RoPE positions; None: meta.positions
     ) -> torch.Tensor:  # [T, hidden], after the final norm
         x = inputs_embeds
-        cos, sin = self.model.rotary_emb(meta.positions, x.dtype)
+        cos, sin = self.model.rotary_emb(meta.positions if positions is None else positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, kv_cache[i], meta)
         return self.model.norm(x)

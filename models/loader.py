@@ -25,6 +25,10 @@ from models.model import ALL_PARTS, ARCHITECTURES, MultimodalModel
 # hub's ``vision_tower.vision_model.X`` becomes ``vision.vision_tower.X``.
 _PREFIX_RULES: tuple[tuple[str, str], ...] = (
     ("model.vision_tower.vision_model.", "vision.vision_tower."),
+    # Qwen2-VL: the hub's visual.* / model.* / lm_head.*, transformers 5's model.visual.* /
+    # model.language_model.* (the LM rules below)
+    ("model.visual.", "vision.visual."),
+    ("visual.", "vision.visual."),
     ("vision_tower.vision_model.", "vision.vision_tower."),
     # transformers >= 4.52 save format
     ("model.language_model.", "language_model.model."),

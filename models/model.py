@@ -4,6 +4,7 @@ Module tree (and therefore the canonical weight names the loader maps every layo
 
     language_model   CausalLM          language_model.model.*, language_model.lm_head.*
     vision           VisionEncoder     vision.vision_tower.*, vision.multi_modal_projector.*   (LLaVA)
+                     QwenVLVisionEncoder  vision.visual.*                                    (Qwen2-VL)
     audio            AudioEncoder      audio.audio_tower.*, audio.multi_modal_projector.*      (Qwen2-Audio)
 
 Pools load only the part they run (``parts=``): encoder workers the encoders, prefill and decode
@@ -17,16 +18,20 @@ from collections.abc import Collection
 import torch
 from torch import nn
 
-from models.encoders import AudioEncoder, VisionEncoder
+from models.encoders import AudioEncoder, QwenVLVisionEncoder, VisionEncoder
 from models.llm import CausalLM
 
 # architecture (config.json "architectures"[0]) -> modality of its encoder (None: text-only)
 ARCHITECTURES: dict[str, str | None] = {
     "LlavaForConditionalGeneration": "image",
+    "Qwen2VLForConditionalGeneration": "image",
     "Qwen2AudioForConditionalGeneration": "audio",
     "LlamaForCausalLM": None,
     "Qwen2ForCausalLM": None,
 }
+
+# Dynamic resolution and M-RoPE positions (models/mrope.py)
+QWEN_VL_ARCHITECTURES = frozenset({"Qwen2VLForConditionalGeneration"})
 
 ALL_PARTS = frozenset({"language_model", "encoders"})
 
@@ -40,7 +45,8 @@ class MultimodalModel(nn.Module):
         text_config = config.get_text_config()
         self.language_model = CausalLM(text_config) if "language_model" in parts else None
         want_encoders = "encoders" in parts
-        self.vision = VisionEncoder(config) if want_encoders and self.modality == "image" else None
+        vision_cls = QwenVLVisionEncoder if arch in QWEN_VL_ARCHITECTURES else VisionEncoder
+        self.vision = vision_cls(config) if want_encoders and self.modality == "image" else None
         self.audio = AudioEncoder(config) if want_encoders and self.modality == "audio" else None
 
     @property
@@ -70,5 +76,10 @@ class MultimodalModel(nn.Module):
                     module.register_buffer(
                         name, torch.arange(buf.shape[-1]).expand(buf.shape), persistent=False
                     )
+                elif name in ("inv_freq", "original_inv_freq") and hasattr(module, "config"):
+                    # a transformers rotary embedding (Qwen2-VL's vision tower): its own init, on the CPU
+                    with torch.device("cpu"):
+                        fresh = type(module)(module.config)
+                    module.register_buffer(name, getattr(fresh, name), persistent=False)
                 else:
                     raise RuntimeError(f"don't know how to initialise buffer {name!r} of {type(module).__name__}")

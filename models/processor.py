@@ -28,6 +28,8 @@ from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer
 
 from models.encoders import AudioEncoder
+from models.model import QWEN_VL_ARCHITECTURES
+from models.mrope import MRopeSpec, mrope_positions
 
 
 class MediaError(ValueError):
@@ -79,6 +81,7 @@ class DecodedMedia:
     image: Image.Image | None = None
     audio: np.ndarray | None = None  # float32 mono at the feature extractor's sampling rate
     num_tokens: int = 0
+    grid_thw: tuple[int, int, int] | None = None  # Qwen-VL: patch grid after the smart resize
 
 
 @dataclass
@@ -88,25 +91,41 @@ class TokenPlan:
     prompt_token_ids: list[int]
     media_offsets: list[int] = field(default_factory=list)  # first placeholder index per item
     media_lengths: list[int] = field(default_factory=list)  # tokens per item
+    # M-RoPE models (models/mrope.py): [3, len(prompt)] positions and the delta of every later
+    # token (position = index + delta); None / 0 for the others
+    mrope_positions: torch.Tensor | None = None
+    position_delta: int = 0
 
 
 class MultimodalProcessor:
     def __init__(self, model_dir: str | Path, config):
         self.config = config
         arch = (getattr(config, "architectures", None) or [""])[0]
-        self.modality = {"LlavaForConditionalGeneration": "image",
+        self.modality = {"LlavaForConditionalGeneration": "image", "Qwen2VLForConditionalGeneration": "image",
                          "Qwen2AudioForConditionalGeneration": "audio"}.get(arch)
+        self.mrope = MRopeSpec.from_config(config) if arch in QWEN_VL_ARCHITECTURES else None
+        self.hf_processor = self.image_processor = None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "torchvision missing, using the PIL backend"
-            if self.modality is None:
-                self.hf_processor = None
+            if self.mrope is not None:
+                # Qwen2VLProcessor builds its video processor, which needs torchvision: load the
+                # tokenizer (chat template included) and the PIL image processor on their own.
+                from transformers import Qwen2VLImageProcessorPil
+
+                self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+                self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+            elif self.modality is None:
                 self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
             else:
                 self.hf_processor = AutoProcessor.from_pretrained(model_dir)
                 self.tokenizer = self.hf_processor.tokenizer
+                self.image_processor = getattr(self.hf_processor, "image_processor", None)
         self.placeholder = None
         self.placeholder_id = None
-        if self.modality == "image":
+        if self.mrope is not None:
+            self.placeholder_id = config.image_token_id
+            self.placeholder = self.tokenizer.convert_ids_to_tokens(self.placeholder_id)
+        elif self.modality == "image":
             self.placeholder, self.placeholder_id = self.hf_processor.image_token, config.image_token_id
         elif self.modality == "audio":
             self.placeholder, self.placeholder_id = self.hf_processor.audio_token, config.audio_token_id
@@ -120,7 +139,10 @@ class MultimodalProcessor:
     # -- router side -------------------------------------------------------------------------
     @property
     def tokens_per_image(self) -> int:
-        """LLaVA: fixed per image (the processor resizes and crops to the tower's input size)."""
+        """LLaVA: fixed per image (the processor resizes and crops to the tower's input size);
+        0 for dynamic-resolution models (``image_grid``)."""
+        if self.mrope is not None:
+            return 0
         proc = self.hf_processor
         size = self.config.vision_config.image_size
         n = (size // proc.patch_size) ** 2 + proc.num_additional_image_tokens
@@ -144,7 +166,11 @@ class MultimodalProcessor:
         digest = hashlib.blake2b(item.data, digest_size=16, key=self._preprocess_key).hexdigest()
         if modality == "image":
             image = _decode_image(item.data, limits)
-            return DecodedMedia("image", digest, image=image, num_tokens=self.tokens_per_image)
+            if self.mrope is None:
+                return DecodedMedia("image", digest, image=image, num_tokens=self.tokens_per_image)
+            grid = self.image_grid(image.height, image.width)
+            return DecodedMedia("image", digest, image=image, grid_thw=grid,
+                                num_tokens=grid[0] * grid[1] * grid[2] // self.mrope.spatial_merge_size ** 2)
         audio = _decode_audio(item.data, self.sampling_rate, limits.max_audio_seconds)
         num_tokens = self.audio_tokens(len(audio))
         if num_tokens < 1:  # the placeholder would expand to nothing: the model would not hear it
@@ -152,6 +178,17 @@ class MultimodalProcessor:
             raise MediaError(f"audio is {len(audio) * ms:.1f} ms long, too short to give the audio encoder any "
                              f"output; send at least {math.ceil(self.min_audio_samples * ms)} ms")
         return DecodedMedia("audio", digest, audio=audio, num_tokens=num_tokens)
+
+    def image_grid(self, height: int, width: int) -> tuple[int, int, int]:
+        """Qwen-VL: the (t, h, w) patch grid of a ``height`` x ``width`` image, as the image
+        processor resizes it (``smart_resize``: multiples of patch x merge, pixels within
+        min/max)."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        ip = self.image_processor
+        h, w = smart_resize(height, width, factor=ip.patch_size * ip.merge_size,
+                            min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
+        return 1, h // ip.patch_size, w // ip.patch_size
 
     @property
     def min_audio_samples(self) -> int:
@@ -166,7 +203,7 @@ class MultimodalProcessor:
         return int(AudioEncoder.output_lengths(torch.tensor(frames))[1])
 
     def apply_chat_template(self, messages: list[dict]) -> str:
-        target = self.hf_processor or self.tokenizer
+        target = self.hf_processor or self.tokenizer  # Qwen-VL: the tokenizer has the template
         return target.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def build_token_plan(self, prompt: str, media: list[DecodedMedia]) -> TokenPlan:
@@ -190,13 +227,18 @@ class MultimodalProcessor:
             plan.prompt_token_ids.extend([self.placeholder_id] * item.num_tokens)
             prev = pos + 1
         plan.prompt_token_ids.extend(ids[prev:])
+        if self.mrope is not None and media:
+            plan.mrope_positions, plan.position_delta = mrope_positions(
+                self.mrope, plan.prompt_token_ids, [m.grid_thw for m in media])
         return plan
 
     # -- encoder side ------------------------------------------------------------------------
     def preprocess(self, items: list[DecodedMedia]) -> dict[str, torch.Tensor]:
         """Decoded media of this model's modality -> the encoder's batched input tensors."""
         if self.modality == "image":
-            out = self.hf_processor.image_processor([m.image for m in items], return_tensors="pt")
+            out = self.image_processor([m.image for m in items], return_tensors="pt")
+            if self.mrope is not None:  # [sum of patches, C * temporal_patch * patch^2], [N, 3]
+                return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
             return {"pixel_values": out["pixel_values"]}  # [N, 3, H, W]
         fe = self.hf_processor.feature_extractor
         out = fe([m.audio for m in items], sampling_rate=fe.sampling_rate, return_attention_mask=True,
@@ -206,9 +248,9 @@ class MultimodalProcessor:
 
     def _preprocessing_fingerprint(self) -> bytes:
         """Key for content hashes: the same bytes under different preprocessing differ."""
-        if self.hf_processor is None:
+        if self.modality is None:
             return b""
-        sub = getattr(self.hf_processor, "image_processor", None) or self.hf_processor.feature_extractor
+        sub = self.image_processor or self.hf_processor.feature_extractor
         blob = json.dumps(sub.to_dict(), sort_keys=True, default=str).encode()
         return hashlib.blake2b(blob, digest_size=32).digest()
 

@@ -18,6 +18,10 @@ Architectures (`ARCHS`):
                          (layer -2 features, CLS dropped).
 - ``llava-siglip-qwen2`` SigLIP ViT (224 px, patch 14, no CLS) -> projector -> Qwen2 LM (qkv
                          bias, tied embeddings). 256 image tokens per image (last layer, all).
+- ``qwen2-vl``           Qwen2-VL: ViT with 2-D rotary positions over 14 px patches (2 frames a
+                         patch), 2x2 patch merger -> Qwen2 LM with M-RoPE (mrope_section
+                         [8, 12, 12] of head_dim 64). Dynamic resolution: an image becomes
+                         (h / 28) x (w / 28) tokens after the processor's smart resize.
 - ``qwen2-audio``        Qwen2-Audio: Whisper-style encoder (128 mel bins, 30 s window) -> linear
                          projector -> Qwen2 LM (untied, as Qwen2-Audio-7B). One audio token per
                          40 ms of audio: ((frames - 1) // 2 + 1 - 2) // 2 + 1 with frames = 100/s.
@@ -47,7 +51,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
 from tokenizers import models as bpe_models
 
-ARCHS = ("llava-clip-llama", "llava-siglip-qwen2", "qwen2-audio")
+ARCHS = ("llava-clip-llama", "llava-siglip-qwen2", "qwen2-vl", "qwen2-audio")
 
 # Bump when the output of build_tiny_model changes: it names the cache folder.
 TINY_MODEL_VERSION = "v1"
@@ -160,6 +164,29 @@ _CHATML_IMAGE_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Qwen2-VL-Instruct's template: each image part is "<|vision_start|><|image_pad|><|vision_end|>"
+# (the processor expands <|image_pad|> to the image's token count).
+_QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'video' or 'video' in part %}"
+    "{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 # Qwen2-Audio-7B-Instruct's template: each audio part becomes "Audio N: <|audio_bos|><|AUDIO|>
 # <|audio_eos|>\n" (the processor then expands <|AUDIO|> to the clip's token count).
 _QWEN2_AUDIO_CHAT_TEMPLATE = (
@@ -252,6 +279,9 @@ def _build_tokenizer(arch: str):
     tok.add_special_tokens([special(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
     if arch == "llava-siglip-qwen2":
         media_tokens = {"image_token": "<image>"}
+    elif arch == "qwen2-vl":  # Qwen2-VL's order: vision_start, vision_end, ..., image_pad, video_pad
+        media_tokens = {"vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
+                        "image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
     else:
         media_tokens = {
             "audio_token": "<|AUDIO|>",
@@ -282,10 +312,10 @@ def _padded_vocab_size(num_tokens: int) -> int:
     return (num_tokens + 63) // 64 * 64
 
 
-def _qwen2_text_config(tokenizer, *, tie_word_embeddings: bool):
+def _qwen2_text_config(tokenizer, *, tie_word_embeddings: bool, cls=None, **extra):
     from transformers import Qwen2Config
 
-    return Qwen2Config(
+    return (cls or Qwen2Config)(**{**dict(
         vocab_size=_padded_vocab_size(len(tokenizer)),
         hidden_size=256,
         intermediate_size=512,
@@ -303,7 +333,7 @@ def _qwen2_text_config(tokenizer, *, tie_word_embeddings: bool):
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
-    )
+    ), **extra})
 
 
 def _build_config(arch: str, tokenizer):
@@ -383,6 +413,23 @@ def _build_config(arch: str, tokenizer):
             pad_token_id=tokenizer.pad_token_id,
         )
 
+    if arch == "qwen2-vl":
+        from transformers import Qwen2VLConfig, Qwen2VLTextConfig
+
+        text_config = _qwen2_text_config(
+            tokenizer, tie_word_embeddings=False, cls=Qwen2VLTextConfig,
+            # head_dim 64: 32 rotary frequencies, split temporal / height / width as Qwen2-VL's 16/24/24 of 64
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]})
+        ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+        return Qwen2VLConfig(
+            text_config=text_config.to_dict(),
+            vision_config={"depth": 2, "embed_dim": 64, "hidden_size": text_config.hidden_size, "num_heads": 4,
+                           "mlp_ratio": 2, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                           "initializer_range": _INIT_STD},
+            tie_word_embeddings=False, **ids)
+
     audio_config = Qwen2AudioEncoderConfig(
         num_mel_bins=128,
         d_model=128,
@@ -438,6 +485,13 @@ def _build_processor(arch: str, tokenizer):
             image_token="<image>",
             chat_template=_CHATML_IMAGE_TEMPLATE,
         )
+    if arch == "qwen2-vl":
+        from transformers import Qwen2VLImageProcessorPil
+
+        # Real Qwen2-VL bounds are 56^2 .. 28^2 x 1280 pixels; tiny ones keep tests fast while
+        # still resizing both ways (a 224x224 image is 64 tokens, the cap 256).
+        image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 256})
+        return _SavedProcessor("Qwen2VLProcessor", tokenizer, image_processor, _QWEN2_VL_CHAT_TEMPLATE)
     feature_extractor = WhisperFeatureExtractor(
         feature_size=128,
         sampling_rate=16000,
@@ -451,6 +505,21 @@ def _build_processor(arch: str, tokenizer):
         tokenizer=tokenizer,
         chat_template=_QWEN2_AUDIO_CHAT_TEMPLATE,
     )
+
+
+class _SavedProcessor:
+    """What ``Qwen2VLProcessor.save_pretrained`` writes, without building one: transformers
+    builds its video processor too, and that needs torchvision, which this CPU torch lacks."""
+
+    def __init__(self, processor_class: str, tokenizer, image_processor, chat_template: str):
+        self.processor_class, self.tokenizer, self.image_processor = processor_class, tokenizer, image_processor
+        self.chat_template = chat_template
+
+    def save_pretrained(self, out_dir: Path) -> None:
+        self.tokenizer.save_pretrained(out_dir)
+        (Path(out_dir) / "chat_template.jinja").write_text(self.chat_template)
+        config = {"processor_class": self.processor_class, "image_processor": self.image_processor.to_dict()}
+        (Path(out_dir) / "processor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,6 +545,9 @@ _HUB_KEY_PREFIXES = {
         ("multi_modal_projector.", "multi_modal_projector."),
         ("vision_tower.", "vision_tower.vision_model."),
     ),
+    # Qwen2-VL: transformers 5 saves the hub names (visual.*, model.* for the LM, lm_head.*); in
+    # memory it has model.visual.*, model.language_model.* (tests write that layout too).
+    "qwen2_vl": (("visual.", "visual."), ("model.", "model."), ("lm_head.", "lm_head.")),
     "qwen2_audio": (
         ("language_model.", "language_model."),
         ("multi_modal_projector.", "multi_modal_projector."),
@@ -496,13 +568,14 @@ def _build_model(config, seed: int, *, never_generated_ids: list[int]):
     """Random model, deterministic in `seed`: transformers' own init under a fixed torch seed
     (with `initializer_range` widened in the text config), then a larger final-norm gain and
     silenced LM-head rows for `never_generated_ids`."""
-    from transformers import LlavaForConditionalGeneration, Qwen2AudioForConditionalGeneration
-
-    cls = (
-        Qwen2AudioForConditionalGeneration
-        if config.model_type == "qwen2_audio"
-        else LlavaForConditionalGeneration
+    from transformers import (
+        LlavaForConditionalGeneration,
+        Qwen2AudioForConditionalGeneration,
+        Qwen2VLForConditionalGeneration,
     )
+
+    cls = {"qwen2_audio": Qwen2AudioForConditionalGeneration,
+           "qwen2_vl": Qwen2VLForConditionalGeneration}.get(config.model_type, LlavaForConditionalGeneration)
     torch.manual_seed(seed)
     model = cls(config).eval()
     # Logits = lm_head(norm(h)): the final RMSNorm output has RMS ~ its gain, so std(logit) ~

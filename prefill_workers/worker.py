@@ -210,7 +210,8 @@ class PrefillWorker(BaseWorker):
         slots = [MediaSlot(off, emb.to(self.device), h)
                  for off, emb, h in zip(request.media_offsets, embeddings, hashes)]
         return Request(request.request_id, list(request.prompt_token_ids), request.sampling, slots,
-                       frozenset(request.eos_token_ids))
+                       frozenset(request.eos_token_ids), mrope_positions=request.mrope_positions,
+                       position_delta=request.position_delta)
 
     def _on_loop_crash(self) -> None:
         for future in self._first_token.values():

@@ -322,7 +322,8 @@ class RouterCore:
         self._account(st, prefill, "inflight_tokens", num_prompt)
         self._account(st, prefill, "inflight_requests", 1)
         request = PrefillRequest(st.request_id, prompt, list(plan.media_offsets), sampling, self.eos_token_ids,
-                                 [d.content_hash for d in st.prepared.media])
+                                 [d.content_hash for d in st.prepared.media], plan.mrope_positions,
+                                 plan.position_delta)
         t.setdefault("prefill", time.monotonic())
         st.prefill_gen = prefill.actor.prefill.options(num_returns="streaming").remote(
             request, st.encode_ref, st.reservation)
@@ -347,7 +348,7 @@ class RouterCore:
         sink = self._open_sink(st, t, decode, detok, tokens, emit)
         await self._call(decode, decode.actor.generate.remote(DecodeRequest(
             st.request_id, num_prompt, prompt, first.token_id, sampling, self.eos_token_ids, first.sampler_state,
-            self.streams.stream_id)))
+            self.streams.stream_id, plan.position_delta)))
         return await sink.done
 
     # -- worker failures: retry, migrate, or fail --------------------------------------------

@@ -23,10 +23,21 @@ AUDIO_PROMPTS = {
     "audio": ("<|audio_bos|><|AUDIO|><|audio_eos|>What do you hear?", 1),
     "two-audio": ("Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\nAudio 2: <|audio_bos|><|AUDIO|><|audio_eos|>\nCompare.", 2),
 }
+QWEN_VL_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN_VL_PROMPTS = {
+    "text": ("The capital of France is a city where", []),
+    "one-image": (f"<|im_start|>user\n{QWEN_VL_IMAGE}What is in this picture?<|im_end|>\n<|im_start|>assistant\n",
+                  [(256, 192)]),
+    # different sizes and aspect ratios: different grids, so different token counts and positions
+    "two-images": (f"{QWEN_VL_IMAGE} and {QWEN_VL_IMAGE}: compare the two.", [(224, 224), (330, 150)]),
+}
 
 
 def prompt_cases(arch: str) -> dict[str, tuple[str, list[MediaInput]]]:
     """name -> (prompt with placeholders, media items) for an architecture."""
+    if arch == "qwen2-vl":
+        return {name: (p, [MediaInput(make_test_image(i + 1, size), "image/png") for i, size in enumerate(sizes)])
+                for name, (p, sizes) in QWEN_VL_PROMPTS.items()}
     if arch == "qwen2-audio":
         return {name: (p, [MediaInput(make_test_audio(i + 1, 1.0 + i), "audio/wav") for i in range(n)])
                 for name, (p, n) in AUDIO_PROMPTS.items()}
@@ -38,8 +49,13 @@ class HFReference:
     """``transformers`` model + processor of a checkpoint, for greedy references."""
 
     def __init__(self, path):
-        from transformers import AutoProcessor, LlavaForConditionalGeneration, Qwen2AudioForConditionalGeneration
+        from transformers import (AutoConfig, AutoProcessor, LlavaForConditionalGeneration,
+                                  Qwen2AudioForConditionalGeneration, Qwen2VLForConditionalGeneration)
 
+        if AutoConfig.from_pretrained(path).model_type == "qwen2_vl":
+            self.processor = QwenVLReferenceProcessor(path)
+            self.model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+            return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.processor = AutoProcessor.from_pretrained(path)
@@ -66,6 +82,34 @@ class HFReference:
     @torch.no_grad()
     def prefill_logits(self, prompt: str, media: list[MediaInput]) -> torch.Tensor:
         return self.model(**self.inputs(prompt, media)).logits[0, -1].float()
+
+
+class QwenVLReferenceProcessor:
+    """What ``Qwen2VLProcessor.__call__`` does for text + images, on transformers' own image
+    processor and tokenizer: ``Qwen2VLProcessor`` cannot be built without torchvision (its video
+    processor needs it), which CPU torch lacks. Each ``<|image_pad|>`` becomes grid.prod() / merge^2
+    copies; ``mm_token_type_ids`` marks them (what ``get_rope_index`` reads)."""
+
+    def __init__(self, path):
+        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+        self.image_token = "<|image_pad|>"
+
+    def __call__(self, text: str, images=None, return_tensors="pt"):
+        out = {}
+        if images:
+            out = dict(self.image_processor(images, return_tensors="pt"))
+            merge = self.image_processor.merge_size ** 2
+            pieces = text.split(self.image_token)
+            assert len(pieces) == len(images) + 1
+            text = pieces[0] + "".join(self.image_token * int(g.prod() // merge) + rest
+                                       for g, rest in zip(out["image_grid_thw"], pieces[1:]))
+        ids = self.tokenizer(text, return_tensors="pt")
+        image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        return {**out, "input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"],
+                "mm_token_type_ids": (ids["input_ids"] == image_id).int()}
 
 
 def first_audio(data: bytes) -> np.ndarray:

@@ -85,7 +85,8 @@ def _engine_prefill_logits(engine: ColocatedEngine, prepared) -> torch.Tensor:
 
     embeddings = engine.encoder.encode(prepared.media)
     slots = [MediaSlot(o, e) for o, e in zip(prepared.plan.media_offsets, embeddings)]
-    req = Request("x", prepared.plan.prompt_token_ids, prepared.sampling, slots)
+    req = Request("x", prepared.plan.prompt_token_ids, prepared.sampling, slots,
+                  mrope_positions=prepared.plan.mrope_positions, position_delta=prepared.plan.position_delta)
     req.block_ids = engine.blocks.allocate(engine.blocks.blocks_for_tokens(req.num_tokens))
     captured = {}
     original = engine.runner.lm.compute_logits

@@ -53,7 +53,8 @@ def saved_keys(folder: Path) -> set[str]:
     return keys
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+# qwen2-vl's folder is checked in test_qwen_vl.py: AutoProcessor cannot load it without torchvision.
+@pytest.fixture(scope="module", params=[a for a in ARCHS if a != "qwen2-vl"])
 def built(request, tmp_path_factory) -> tuple[str, Path]:
     arch = request.param
     return arch, build_tiny_model(arch, tmp_path_factory.mktemp(arch) / "model")

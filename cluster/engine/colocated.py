@@ -156,7 +156,8 @@ class ColocatedEngine:
         for p in pending:
             slots = [MediaSlot(off, embeddings[(p.request_id, i)], p.media[i].content_hash)
                      for i, off in enumerate(p.plan.media_offsets)]
-            req = Request(p.request_id, p.plan.prompt_token_ids, p.sampling, slots, self.eos_token_ids)
+            req = Request(p.request_id, p.plan.prompt_token_ids, p.sampling, slots, self.eos_token_ids,
+                          mrope_positions=p.plan.mrope_positions, position_delta=p.plan.position_delta)
             self._requests[req.request_id] = req
             self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, p.sampling.stop)
             self.scheduler.add(req)

@@ -17,6 +17,7 @@ from cluster.engine.scheduler import ScheduledBatch
 from models.attention_backend import make_attention_backend
 from models.linear import apply_linear_backend
 from models.llm import CausalLM
+from models.mrope import step_positions
 from models.paged_attention import KVCacheSpec
 
 
@@ -48,7 +49,8 @@ class ModelRunner:
 
         meta = self.attention.build(batch.num_new_tokens, ends, [r.block_ids for r in batch.requests],
                                     self.spec.block_size)
-        hidden = self.lm(embeds, meta, self.kv_cache)  # [T, hidden]
+        positions = self._mrope_positions(batch.requests, starts, ends) if self.lm.is_mrope else None
+        hidden = self.lm(embeds, meta, self.kv_cache, positions)  # [T, hidden]
 
         # Sample only for requests whose step covered all their tokens.
         last_rows, samplers, sampled_idx = [], [], []
@@ -65,6 +67,14 @@ class ModelRunner:
             for i, tok in zip(sampled_idx, sample(logits, samplers)):
                 out[i] = tok
         return out
+
+    def _mrope_positions(self, requests: list[Request], starts: list[int], ends: list[int]) -> torch.Tensor:
+        """[3, T]: each request's planned 3-D prompt positions, ``index + delta`` after them."""
+        if all(r.mrope_positions is None or s >= r.mrope_positions.shape[1] for r, s in zip(requests, starts)):
+            flat = [i + r.position_delta for r, s, e in zip(requests, starts, ends) for i in range(s, e)]
+            return torch.tensor(flat, dtype=torch.int64, device=self.device).expand(3, -1)
+        parts = [step_positions(r.mrope_positions, r.position_delta, s, e) for r, s, e in zip(requests, starts, ends)]
+        return torch.cat(parts, dim=1).to(self.device)
 
     @staticmethod
     def _splice_media(embeds: torch.Tensor, req: Request, start: int, end: int) -> None:

@@ -65,6 +65,11 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in this worker's cache
     num_cached_tokens: int = 0  # of those, taken from the prefix cache at (the last) admission
+    # M-RoPE models: [3, n] positions of the first n prompt tokens (the prompt as the router
+    # planned it; a re-prefill's prompt may be longer) and the delta of every later token
+    # (position = index + delta; models/mrope.py). None: positions are the token indices.
+    mrope_positions: torch.Tensor | None = None
+    position_delta: int = 0
     block_hashes: list[bytes] = field(default_factory=list)  # chain hash per full block (block_hash.py)
     num_registered_blocks: int = 0  # leading block_ids offered to the prefix cache so far
     status: RequestStatus = RequestStatus.WAITING

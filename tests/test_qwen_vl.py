@@ -1,0 +1,122 @@
+"""Qwen2-VL: dynamic-resolution token plans, M-RoPE positions, weight layouts, and parity with
+transformers under chunked prefill and prefix caching (plain parity: test_engine_parity.py;
+through the disaggregated cluster, where only the position delta reaches decode:
+test_cluster_e2e.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cluster.config import EngineConfig
+from cluster.engine.colocated import ColocatedEngine
+from cluster.engine.sampling import SamplingParams
+from models.loader import load_model
+from models.media_samples import make_test_image
+from models.mrope import MRopeSpec, mrope_positions, step_positions
+from models.processor import MediaInput
+from tests.reference import HFReference, prompt_cases
+
+
+@pytest.fixture(scope="module")
+def qwen_vl(tiny_models):
+    path = tiny_models["qwen2-vl"]
+    return path, HFReference(path)
+
+
+def test_plan_token_counts_follow_the_image_size(qwen_vl):
+    """Each image becomes as many tokens as its resized grid: more pixels, more tokens, within
+    the processor's min/max pixel bounds; the counts equal the image processor's own grids."""
+    path, ref = qwen_vl
+    engine = ColocatedEngine(EngineConfig(model=str(path)))
+    sizes = [(28, 28), (224, 224), (330, 150), (150, 330), (2000, 1500)]
+    media = [MediaInput(make_test_image(i, size), "image/png") for i, size in enumerate(sizes)]
+    prompt = "<|vision_start|><|image_pad|><|vision_end|>" * len(media)
+    plan = engine.inputs.prepare("x", prompt, media, SamplingParams()).plan
+    expected = ref.processor(prompt, images=[_pil(m) for m in media])
+    assert plan.prompt_token_ids == expected["input_ids"][0].tolist()
+    grids = expected["image_grid_thw"]
+    assert plan.media_lengths == (grids.prod(-1) // 4).tolist()
+    assert len(set(plan.media_lengths)) >= 4  # dynamic: not one fixed count
+    ip = ref.processor.image_processor
+    assert min(plan.media_lengths) * 4 * 14 * 14 >= ip.size["shortest_edge"]
+    assert max(plan.media_lengths) * 4 * 14 * 14 <= ip.size["longest_edge"]
+
+
+def test_positions_equal_transformers_rope_index(qwen_vl):
+    path, ref = qwen_vl
+    spec = MRopeSpec.from_config(ref.model.config)
+    for name, (prompt, media) in prompt_cases("qwen2-vl").items():
+        inputs = ref.processor(prompt, images=[_pil(m) for m in media] or None)
+        ids = inputs["input_ids"]
+        grids = [tuple(int(x) for x in g) for g in inputs.get("image_grid_thw", [])]
+        ours, delta = mrope_positions(spec, ids[0].tolist(), grids)
+        if media:
+            want, want_delta = ref.model.model.get_rope_index(ids, inputs["mm_token_type_ids"],
+                                                              image_grid_thw=inputs["image_grid_thw"])
+            assert torch.equal(ours, want[:, 0]), name
+            assert delta == int(want_delta) < 0, name  # images take fewer positions than tokens
+        else:
+            assert torch.equal(ours, torch.arange(ids.shape[1]).expand(3, -1)) and delta == 0
+    # after the prompt, every token sits at index + delta on all three axes
+    positions, delta = mrope_positions(spec, ids[0].tolist(), grids)
+    n = positions.shape[1]
+    tail = step_positions(positions, delta, n - 2, n + 3)
+    assert torch.equal(tail[:, :2], positions[:, -2:])
+    assert torch.equal(tail[:, 2:], torch.arange(n, n + 3).add(delta).expand(3, -1))
+
+
+def test_chunked_prefill_and_prefix_cache_keep_parity(qwen_vl):
+    """Chunks that cut through an image's tokens take the right slice of its 3-D positions; a
+    prefix-cache hit (same prompt and image again) gives the same tokens."""
+    path, ref = qwen_vl
+    engine = ColocatedEngine(EngineConfig(model=str(path), max_num_batched_tokens=32, enable_prefix_caching=True))
+    greedy = SamplingParams(max_tokens=12, ignore_eos=True)
+    for name, (prompt, media) in prompt_cases("qwen2-vl").items():
+        want = ref.greedy(prompt, media, 12)
+        first = engine.generate([(prompt, media, greedy)])[0]
+        again = engine.generate([(prompt, media, greedy)])[0]
+        assert first.token_ids == want == again.token_ids, name
+    assert engine.scheduler.num_prefix_hit_tokens > 0  # the second runs did hit
+    assert engine.kv_blocks_in_use == 0
+
+
+def test_loads_the_transformers_5_weight_layout(qwen_vl, tmp_path):
+    """The hub's names (visual.*, model.*) as saved, and transformers 5's in-memory names
+    (model.visual.*, model.language_model.*): the same weights either way."""
+    path, _ = qwen_vl
+    for f in path.iterdir():
+        if f.suffix != ".safetensors":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(path / "model.safetensors")
+    renamed = {("model." + k if k.startswith("visual.") else
+                "model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
+               for k, v in tensors.items()}
+    assert any(k.startswith("model.visual.") for k in renamed)
+    save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    a, b = load_model(path), load_model(tmp_path)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_refuses_interleaved_mrope(qwen_vl, tmp_path):
+    """A rotary layout this code does not implement is refused, never served approximately."""
+    path, _ = qwen_vl
+    for f in path.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["text_config"]["rope_parameters"]["mrope_interleaved"] = True
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="interleaved M-RoPE"):
+        load_model(tmp_path)
+
+
+def _pil(media: MediaInput):
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(media.data)).convert("RGB")
