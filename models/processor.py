@@ -106,15 +106,8 @@ class MultimodalProcessor:
         self.mrope = MRopeSpec.from_config(config) if arch in QWEN_VL_ARCHITECTURES else None
         self.hf_processor = self.image_processor = None
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "torchvision missing, using the PIL backend"
-            if self.mrope is not None:
-                # Qwen2VLProcessor builds its video processor, which needs torchvision: load the
-                # tokenizer (chat template included) and the PIL image processor on their own.
-                from transformers import Qwen2VLImageProcessorPil
-
-                self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-                self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
-            elif self.modality is None:
+            warnings.simplefilter("ignore")
+            if self.modality is None:
                 self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
             else:
                 self.hf_processor = AutoProcessor.from_pretrained(model_dir)
@@ -122,10 +115,7 @@ class MultimodalProcessor:
                 self.image_processor = getattr(self.hf_processor, "image_processor", None)
         self.placeholder = None
         self.placeholder_id = None
-        if self.mrope is not None:
-            self.placeholder_id = config.image_token_id
-            self.placeholder = self.tokenizer.convert_ids_to_tokens(self.placeholder_id)
-        elif self.modality == "image":
+        if self.modality == "image":
             self.placeholder, self.placeholder_id = self.hf_processor.image_token, config.image_token_id
         elif self.modality == "audio":
             self.placeholder, self.placeholder_id = self.hf_processor.audio_token, config.audio_token_id
@@ -183,7 +173,7 @@ class MultimodalProcessor:
         """Qwen-VL: the (t, h, w) patch grid of a ``height`` x ``width`` image, as the image
         processor resizes it (``smart_resize``: multiples of patch x merge, pixels within
         min/max)."""
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
         ip = self.image_processor
         h, w = smart_resize(height, width, factor=ip.patch_size * ip.merge_size,
@@ -203,7 +193,7 @@ class MultimodalProcessor:
         return int(AudioEncoder.output_lengths(torch.tensor(frames))[1])
 
     def apply_chat_template(self, messages: list[dict]) -> str:
-        target = self.hf_processor or self.tokenizer  # Qwen-VL: the tokenizer has the template
+        target = self.hf_processor or self.tokenizer
         return target.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def build_token_plan(self, prompt: str, media: list[DecodedMedia]) -> TokenPlan:

@@ -450,7 +450,7 @@ def _build_config(arch: str, tokenizer):
 
 
 def _build_processor(arch: str, tokenizer):
-    """PIL-backend image processors: they load via AutoProcessor without torchvision."""
+    """LLaVA: PIL-backend image processors; Qwen2-VL: the torch ones (they need torchvision)."""
     from transformers import (
         CLIPImageProcessorPil,
         LlavaProcessor,
@@ -486,12 +486,14 @@ def _build_processor(arch: str, tokenizer):
             chat_template=_CHATML_IMAGE_TEMPLATE,
         )
     if arch == "qwen2-vl":
-        from transformers import Qwen2VLImageProcessorPil
+        from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-        # Real Qwen2-VL bounds are 56^2 .. 28^2 x 1280 pixels; tiny ones keep tests fast while
-        # still resizing both ways (a 224x224 image is 64 tokens, the cap 256).
-        image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 256})
-        return _SavedProcessor("Qwen2VLProcessor", tokenizer, image_processor, _QWEN2_VL_CHAT_TEMPLATE)
+        # The torch (torchvision) processors, as the hub's Qwen2-VL folders load. Real image bounds
+        # are 56^2 .. 28^2 x 1280 pixels; tiny ones keep tests fast while still resizing both ways
+        # (a 224x224 image is 64 tokens, the cap 256).
+        size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 256}
+        return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(size=size), tokenizer=tokenizer,
+                                video_processor=Qwen2VLVideoProcessor(), chat_template=_QWEN2_VL_CHAT_TEMPLATE)
     feature_extractor = WhisperFeatureExtractor(
         feature_size=128,
         sampling_rate=16000,
@@ -505,21 +507,6 @@ def _build_processor(arch: str, tokenizer):
         tokenizer=tokenizer,
         chat_template=_QWEN2_AUDIO_CHAT_TEMPLATE,
     )
-
-
-class _SavedProcessor:
-    """What ``Qwen2VLProcessor.save_pretrained`` writes, without building one: transformers
-    builds its video processor too, and that needs torchvision, which this CPU torch lacks."""
-
-    def __init__(self, processor_class: str, tokenizer, image_processor, chat_template: str):
-        self.processor_class, self.tokenizer, self.image_processor = processor_class, tokenizer, image_processor
-        self.chat_template = chat_template
-
-    def save_pretrained(self, out_dir: Path) -> None:
-        self.tokenizer.save_pretrained(out_dir)
-        (Path(out_dir) / "chat_template.jinja").write_text(self.chat_template)
-        config = {"processor_class": self.processor_class, "image_processor": self.image_processor.to_dict()}
-        (Path(out_dir) / "processor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------------------------

@@ -52,15 +52,11 @@ class HFReference:
         from transformers import (AutoConfig, AutoProcessor, LlavaForConditionalGeneration,
                                   Qwen2AudioForConditionalGeneration, Qwen2VLForConditionalGeneration)
 
-        if AutoConfig.from_pretrained(path).model_type == "qwen2_vl":
-            self.processor = QwenVLReferenceProcessor(path)
-            self.model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-            return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.processor = AutoProcessor.from_pretrained(path)
-        cls = Qwen2AudioForConditionalGeneration if "audio" in type(self.processor).__name__.lower() \
-            else LlavaForConditionalGeneration
+        cls = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_audio": Qwen2AudioForConditionalGeneration}.get(
+            AutoConfig.from_pretrained(path).model_type, LlavaForConditionalGeneration)
         self.model = cls.from_pretrained(path, dtype=torch.float32).eval()
 
     def inputs(self, prompt: str, media: list[MediaInput]):
@@ -82,34 +78,6 @@ class HFReference:
     @torch.no_grad()
     def prefill_logits(self, prompt: str, media: list[MediaInput]) -> torch.Tensor:
         return self.model(**self.inputs(prompt, media)).logits[0, -1].float()
-
-
-class QwenVLReferenceProcessor:
-    """What ``Qwen2VLProcessor.__call__`` does for text + images, on transformers' own image
-    processor and tokenizer: ``Qwen2VLProcessor`` cannot be built without torchvision (its video
-    processor needs it), which CPU torch lacks. Each ``<|image_pad|>`` becomes grid.prod() / merge^2
-    copies; ``mm_token_type_ids`` marks them (what ``get_rope_index`` reads)."""
-
-    def __init__(self, path):
-        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
-
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-        self.image_token = "<|image_pad|>"
-
-    def __call__(self, text: str, images=None, return_tensors="pt"):
-        out = {}
-        if images:
-            out = dict(self.image_processor(images, return_tensors="pt"))
-            merge = self.image_processor.merge_size ** 2
-            pieces = text.split(self.image_token)
-            assert len(pieces) == len(images) + 1
-            text = pieces[0] + "".join(self.image_token * int(g.prod() // merge) + rest
-                                       for g, rest in zip(out["image_grid_thw"], pieces[1:]))
-        ids = self.tokenizer(text, return_tensors="pt")
-        image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        return {**out, "input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"],
-                "mm_token_type_ids": (ids["input_ids"] == image_id).int()}
 
 
 def first_audio(data: bytes) -> np.ndarray:

@@ -36,7 +36,7 @@ def test_plan_token_counts_follow_the_image_size(qwen_vl):
     media = [MediaInput(make_test_image(i, size), "image/png") for i, size in enumerate(sizes)]
     prompt = "<|vision_start|><|image_pad|><|vision_end|>" * len(media)
     plan = engine.inputs.prepare("x", prompt, media, SamplingParams()).plan
-    expected = ref.processor(prompt, images=[_pil(m) for m in media])
+    expected = ref.processor(text=prompt, images=[_pil(m) for m in media], return_tensors="pt")
     assert plan.prompt_token_ids == expected["input_ids"][0].tolist()
     grids = expected["image_grid_thw"]
     assert plan.media_lengths == (grids.prod(-1) // 4).tolist()
@@ -50,7 +50,7 @@ def test_positions_equal_transformers_rope_index(qwen_vl):
     path, ref = qwen_vl
     spec = MRopeSpec.from_config(ref.model.config)
     for name, (prompt, media) in prompt_cases("qwen2-vl").items():
-        inputs = ref.processor(prompt, images=[_pil(m) for m in media] or None)
+        inputs = ref.processor(text=prompt, images=[_pil(m) for m in media] or None, return_tensors="pt")
         ids = inputs["input_ids"]
         grids = [tuple(int(x) for x in g) for g in inputs.get("image_grid_thw", [])]
         ours, delta = mrope_positions(spec, ids[0].tolist(), grids)
@@ -120,3 +120,27 @@ def _pil(media: MediaInput):
     from PIL import Image
 
     return Image.open(io.BytesIO(media.data)).convert("RGB")
+
+
+def test_torchvision_imports_in_a_fresh_interpreter_and_its_missing_ops_stay_errors():
+    """The compat shim: torchvision's transforms import on this torch, and an op whose kernel
+    did not load raises instead of returning garbage."""
+    import subprocess
+    import sys
+
+    code = (
+        "from models.torchvision_compat import ensure_torchvision\n"
+        "assert ensure_torchvision()\n"
+        "import torch, torchvision.transforms.v2 as T\n"
+        "assert T.functional.resize(torch.zeros(3, 8, 8), [4, 4]).shape == (3, 4, 4)\n"
+        "import torchvision.ops\n"
+        "try:\n"
+        "    torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)\n"
+        "    loaded = True\n"
+        "except (RuntimeError, NotImplementedError):\n"
+        "    loaded = False\n"
+        "print('ops', loaded)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in ("ops True", "ops False")

@@ -18,7 +18,8 @@ from models.tiny import ARCHS, TINY_MODEL_DIR_ENV, build_tiny_model, ensure_tiny
 transformers = pytest.importorskip("transformers")
 
 # Placeholder expansion per media item, as the processor computes it.
-NUM_IMAGE_TOKENS = {"llava-clip-llama": 256, "llava-siglip-qwen2": 256}  # (224 / 14)^2
+# LLaVA: (224 / 14)^2; Qwen2-VL, a 256x192 image: smart resize to 252x196, 18 x 14 patches, 2x2 merged
+NUM_IMAGE_TOKENS = {"llava-clip-llama": 256, "llava-siglip-qwen2": 256, "qwen2-vl": 63}
 
 
 def num_audio_tokens(num_samples: int, hop_length: int = 160) -> int:
@@ -30,6 +31,8 @@ def num_audio_tokens(num_samples: int, hop_length: int = 160) -> int:
 def model_class(arch: str):
     if arch == "qwen2-audio":
         return transformers.Qwen2AudioForConditionalGeneration
+    if arch == "qwen2-vl":
+        return transformers.Qwen2VLForConditionalGeneration
     return transformers.LlavaForConditionalGeneration
 
 
@@ -53,8 +56,7 @@ def saved_keys(folder: Path) -> set[str]:
     return keys
 
 
-# qwen2-vl's folder is checked in test_qwen_vl.py: AutoProcessor cannot load it without torchvision.
-@pytest.fixture(scope="module", params=[a for a in ARCHS if a != "qwen2-vl"])
+@pytest.fixture(scope="module", params=ARCHS)
 def built(request, tmp_path_factory) -> tuple[str, Path]:
     arch = request.param
     return arch, build_tiny_model(arch, tmp_path_factory.mktemp(arch) / "model")
@@ -89,6 +91,9 @@ def test_tokenizer_and_config_agree(built):
     assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
     if arch == "qwen2-audio":
         assert tokenizer.convert_tokens_to_ids("<|AUDIO|>") == config.audio_token_id
+    elif arch == "qwen2-vl":
+        assert tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>"]) == [
+            config.image_token_id, config.video_token_id, config.vision_start_token_id]
     else:
         assert tokenizer.convert_tokens_to_ids("<image>") == config.image_token_id
     if arch == "llava-clip-llama":
@@ -103,6 +108,10 @@ EXPECTED_PROMPTS = {
     "llava-siglip-qwen2": (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
+    ),
+    "qwen2-vl": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is it?<|im_end|>\n<|im_start|>assistant\n"
     ),
     "qwen2-audio": (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -200,8 +209,11 @@ def test_sharded_and_hub_layouts_load_identical_weights(built, tmp_path):
 
     hub = build_tiny_model(arch, tmp_path / "hub", hub_layout=True, max_shard_size="4MB")
     hub_prefixes = {key.split(".")[0] for key in saved_keys(hub)}
-    tower = "audio_tower" if arch == "qwen2-audio" else "vision_tower"
-    assert hub_prefixes == {"language_model", "multi_modal_projector", tower}
+    if arch == "qwen2-vl":  # the hub's Qwen2-VL names are what transformers 5 saves
+        assert hub_prefixes == {"model", "visual", "lm_head"} and saved_keys(hub) == saved_keys(folder)
+    tower = "audio_tower" if arch == "qwen2-audio" else "vision_tower" if arch != "qwen2-vl" else None
+    if tower is not None:
+        assert hub_prefixes == {"language_model", "multi_modal_projector", tower}
     if tower == "vision_tower":
         tower_keys = [k for k in saved_keys(hub) if k.startswith("vision_tower.")]
         assert all(k.startswith("vision_tower.vision_model.") for k in tower_keys)
