@@ -21,6 +21,8 @@ from pathlib import Path
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action="append", default=[], metavar="FILE", help="image file (repeatable, in prompt order)")
+    p.add_argument("--video", action="append", default=[], metavar="FILE",
+                   help="video file: mp4, webm, mkv (repeatable; after the images, in prompt order)")
     p.add_argument("--audio", action="append", default=[], metavar="FILE", help="audio file (repeatable, in prompt order)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
@@ -150,7 +152,8 @@ def media_inputs(args) -> list:
         suffix = Path(path).suffix.lower().lstrip(".") or "octet-stream"
         return MediaInput(Path(path).read_bytes(), f"{kind}/{'jpeg' if suffix == 'jpg' else suffix}")
 
-    return [read(f, "image") for f in args.image] + [read(f, "audio") for f in args.audio]
+    return ([read(f, "image") for f in args.image] + [read(f, "video") for f in args.video]
+            + [read(f, "audio") for f in args.audio])
 
 
 def sampling_params(args):
@@ -161,7 +164,8 @@ def sampling_params(args):
 
 
 def chat_messages(args) -> list[dict]:
-    parts = [{"type": "image"} for _ in args.image] + [{"type": "audio"} for _ in args.audio]
+    parts = ([{"type": "image"} for _ in args.image] + [{"type": "video"} for _ in args.video]
+             + [{"type": "audio"} for _ in args.audio])
     return [{"role": "user", "content": parts + [{"type": "text", "text": args.prompt}]}]
 
 

@@ -32,11 +32,21 @@ class LimitsConfig(_Closed):
         200.0, ge=1, le=10000, description="long side / short side cap of an image, checked before decoding "
                                            "(a shortest-edge resize of a 1x5000 image makes a 224x1120000 one)")
     max_audio_seconds: float = Field(30.0, gt=0, le=30.0, description="audio clip length cap (Qwen2-Audio: 30 s window)")
+    max_video_seconds: float = Field(600.0, gt=0, description="video length cap, from the container header "
+                                                                "before decoding")
+    max_video_frames: int = Field(768, ge=1, description="frames of one video the model sees, after sampling at "
+                                                         "the model's fps")
+    max_video_pixels: int = Field(2**28, ge=1, description="width x height x sampled frames of one video (the "
+                                                           "decoded frames' memory), checked before decoding")
+    max_media_tokens: int = Field(0, ge=0, description="prompt tokens all media of one request may become "
+                                                       "(an image or a video is thousands); 0: only the context "
+                                                       "length bounds them")
     max_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
 
     def media(self) -> MediaLimits:
         return MediaLimits(self.max_media_per_request, self.max_media_bytes, self.max_image_pixels,
-                           self.max_audio_seconds, self.max_image_aspect_ratio)
+                           self.max_audio_seconds, self.max_image_aspect_ratio, self.max_video_seconds,
+                           self.max_video_frames, self.max_video_pixels, self.max_media_tokens)
 
 
 class EngineConfig(_Closed):

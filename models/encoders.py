@@ -26,7 +26,7 @@ from transformers.models.qwen2_audio.modeling_qwen2_audio import (
 class VisionEncoder(nn.Module):
     """LLaVA vision path: CLIP or SigLIP tower -> feature layer(s) -> MLP projector."""
 
-    modality = "image"
+    modalities = ("image",)
 
     def __init__(self, config):
         super().__init__()
@@ -55,9 +55,10 @@ class VisionEncoder(nn.Module):
 class QwenVLVisionEncoder(nn.Module):
     """Qwen2-VL vision path: a ViT over the flattened patches of every image of the batch at once
     (each image attends within itself: cumulative lengths from ``grid_thw``), then the 2x2 patch
-    merger into the LM's hidden size — the reference ``get_image_features``."""
+    merger into the LM's hidden size — the reference ``get_image_features`` and
+    ``get_video_features`` (one tower for both)."""
 
-    modality = "image"
+    modalities = ("image", "video")
 
     def __init__(self, config):
         super().__init__()
@@ -70,17 +71,17 @@ class QwenVLVisionEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.visual.patch_embed.proj.weight.dtype
 
-    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
-        # pixel_values: [sum of patches, C * temporal_patch * patch^2]; image_grid_thw: [N, 3]
-        # -> N x [t * h * w / merge^2, lm_hidden]
-        merged = self.visual(pixel_values.to(self.dtype), grid_thw=image_grid_thw).pooler_output
-        return list(merged.split((image_grid_thw.prod(-1) // self.spatial_merge_size ** 2).tolist()))
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        # pixel_values: [sum of patches, C * temporal_patch * patch^2]; grid_thw: [N, 3]
+        # -> N x [t * h * w / merge^2, lm_hidden]; images and videos alike (a video: t > 1)
+        merged = self.visual(pixel_values.to(self.dtype), grid_thw=grid_thw).pooler_output
+        return list(merged.split((grid_thw.prod(-1) // self.spatial_merge_size ** 2).tolist()))
 
 
 class AudioEncoder(nn.Module):
     """Qwen2-Audio path: Whisper-style encoder (+ 2x average pooling) -> linear projector."""
 
-    modality = "audio"
+    modalities = ("audio",)
 
     def __init__(self, config):
         super().__init__()

@@ -57,3 +57,32 @@ def make_test_audio(seed: int, seconds: float = 2.0, sr: int = 16000) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, np.clip(wave, -1.0, 1.0).astype(np.float32), sr, format="WAV", subtype="PCM_16")
     return buf.getvalue()
+
+
+VIDEO_FORMATS = {"mp4": ("mp4", "libx264"), "webm": ("webm", "libvpx-vp9"), "mkv": ("matroska", "libx264")}
+
+
+def make_test_video(seed: int, size: tuple[int, int] = (112, 84), num_frames: int = 8, fps: int = 4,
+                    kind: str = "mp4", codec: str | None = None) -> bytes:
+    """Encoded bytes of a `num_frames`-frame video at `fps` (`kind`: mp4 = H.264, webm = VP9,
+    mkv = H.264 in Matroska; `codec` overrides the encoder): a gradient scene whose rectangles
+    move from frame to frame, so frame sampling changes what the model sees."""
+    import av
+    from PIL import Image
+
+    fmt, encoder = VIDEO_FORMATS[kind]
+    width, height = size
+    base = np.asarray(Image.open(io.BytesIO(make_test_image(seed, size))).convert("RGB"))
+    buf = io.BytesIO()
+    # bitexact: no muxer UIDs or dates, so the same arguments give the same bytes
+    with av.open(buf, mode="w", format=fmt, options={"fflags": "+bitexact"}) as container:
+        stream = container.add_stream(codec or encoder, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.options = {"threads": "1"}  # single-threaded: the same bytes every run
+        for i in range(num_frames):
+            shifted = np.roll(base, shift=(3 * i, 5 * i), axis=(0, 1))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(shifted), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()

@@ -55,7 +55,7 @@ class MultimodalModel(nn.Module):
 
     @property
     def encoders(self) -> dict[str, nn.Module]:
-        return {m.modality: m for m in (self.vision, self.audio) if m is not None}
+        return {kind: m for m in (self.vision, self.audio) if m is not None for kind in m.modalities}
 
     @property
     def media_token_id(self) -> int | None:

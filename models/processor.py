@@ -9,7 +9,10 @@ Two halves, used by different processes of the cluster:
   that many tokens, exactly as the Hugging Face processor does (``<image>`` x N; ``<|AUDIO|>`` x
   tokens-of-this-clip). A test checks our ids equal the HF processor's.
 * **Encoder side**: ``preprocess`` turns decoded media into the tower's input tensors with the
-  model's own HF image processor / feature extractor.
+  model's own HF image / video processor or feature extractor.
+
+Modalities: ``image`` (LLaVA, Qwen-VL), ``video`` (Qwen-VL: frames sampled as its video processor
+does, ``models/video.py``), ``audio`` (Qwen2-Audio).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from transformers import AutoProcessor, AutoTokenizer
 from models.encoders import AudioEncoder
 from models.model import QWEN_VL_ARCHITECTURES
 from models.mrope import MRopeSpec, mrope_positions
+from models.video import SampledVideo, VideoError, VideoLimits, decode_video, is_video
 
 
 class MediaError(ValueError):
@@ -53,6 +57,14 @@ class MediaLimits:
     # long side / short side, checked before decoding: a shortest-edge resize (CLIP) of a 1x5000
     # image would make a 224x1120000 one
     max_image_aspect_ratio: float = 200.0
+    max_video_seconds: float = 600.0  # from the container header, before decoding
+    max_video_frames: int = 768  # frames the model sees after sampling (Qwen2-VL's max_frames)
+    max_video_pixels: int = 2**28  # width x height x sampled frames: the decoded frames' memory
+    max_media_tokens: int = 0  # placeholder tokens of all media of one request; 0: the context bounds them
+
+    def video(self) -> VideoLimits:
+        return VideoLimits(self.max_video_seconds, self.max_image_pixels, self.max_image_aspect_ratio,
+                           self.max_video_frames, self.max_video_pixels)
 
 
 @dataclass(frozen=True)
@@ -60,26 +72,35 @@ class MediaInput:
     """One media item as the client sent it."""
 
     data: bytes
-    mime_type: str = ""  # "image/png", "audio/wav", ...; empty: guess from the bytes
+    mime_type: str = ""  # "image/png", "audio/wav", "video/mp4", ...; empty: guess from the bytes
 
     @property
     def modality(self) -> str:
-        if self.mime_type.startswith("audio/"):
-            return "audio"
-        if self.mime_type.startswith("image/"):
-            return "image"
+        for kind in MODALITIES:
+            if self.mime_type.startswith(kind + "/"):
+                return kind
         head = self.data[:12]
+        if is_video(head):
+            return "video"
         if head.startswith((b"RIFF", b"fLaC", b"ID3", b"OggS")) and b"WEBP" not in head:
             return "audio"
         return "image"
 
 
+MODALITIES = ("image", "video", "audio")
+# architecture -> the media it takes (the first names the model's placeholder in messages)
+_ARCH_MODALITIES = {"LlavaForConditionalGeneration": ("image",),
+                    "Qwen2VLForConditionalGeneration": ("image", "video"),
+                    "Qwen2AudioForConditionalGeneration": ("audio",)}
+
+
 @dataclass
 class DecodedMedia:
-    modality: str  # "image" | "audio"
+    modality: str  # "image" | "video" | "audio"
     content_hash: str  # hash of the bytes + preprocessing parameters: the encoder-cache key
     image: Image.Image | None = None
     audio: np.ndarray | None = None  # float32 mono at the feature extractor's sampling rate
+    video: SampledVideo | None = None  # the sampled RGB frames
     num_tokens: int = 0
     grid_thw: tuple[int, int, int] | None = None  # Qwen-VL: patch grid after the smart resize
 
@@ -101,10 +122,10 @@ class MultimodalProcessor:
     def __init__(self, model_dir: str | Path, config):
         self.config = config
         arch = (getattr(config, "architectures", None) or [""])[0]
-        self.modality = {"LlavaForConditionalGeneration": "image", "Qwen2VLForConditionalGeneration": "image",
-                         "Qwen2AudioForConditionalGeneration": "audio"}.get(arch)
+        self.modalities: tuple[str, ...] = _ARCH_MODALITIES.get(arch, ())
+        self.modality = self.modalities[0] if self.modalities else None  # the model's first
         self.mrope = MRopeSpec.from_config(config) if arch in QWEN_VL_ARCHITECTURES else None
-        self.hf_processor = self.image_processor = None
+        self.hf_processor = self.image_processor = self.video_processor = None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if self.modality is None:
@@ -113,12 +134,14 @@ class MultimodalProcessor:
                 self.hf_processor = AutoProcessor.from_pretrained(model_dir)
                 self.tokenizer = self.hf_processor.tokenizer
                 self.image_processor = getattr(self.hf_processor, "image_processor", None)
-        self.placeholder = None
-        self.placeholder_id = None
-        if self.modality == "image":
-            self.placeholder, self.placeholder_id = self.hf_processor.image_token, config.image_token_id
-        elif self.modality == "audio":
-            self.placeholder, self.placeholder_id = self.hf_processor.audio_token, config.audio_token_id
+                self.video_processor = getattr(self.hf_processor, "video_processor", None)
+        # modality -> (placeholder token, its id): one per item in the prompt, expanded by the plan
+        token_ids = {"image": "image_token_id", "video": "video_token_id", "audio": "audio_token_id"}
+        self.placeholders: dict[str, tuple[str, int]] = {
+            m: (getattr(self.hf_processor, f"{m}_token"), getattr(config, token_ids[m])) for m in self.modalities}
+        self.placeholder, self.placeholder_id = self.placeholders.get(self.modality, (None, None))
+        # sampling rate of video frames (frames per second the model sees): the processor's, else 2
+        self.video_fps = float(getattr(self.video_processor, "fps", None) or 2.0)
         self._preprocess_key = self._preprocessing_fingerprint()
         # Strings the tokenizer turns into special tokens wherever they appear in a text: BOS/EOS,
         # chat markers, media placeholders. Chat text must not add any (InputPreparer.render_chat).
@@ -147,11 +170,11 @@ class MultimodalProcessor:
             raise MediaError("the data is empty (0 bytes)")
         if len(item.data) > limits.max_media_bytes:
             raise MediaError(f"the data is {len(item.data)} bytes; the limit is {limits.max_media_bytes}")
-        if item.mime_type and not item.mime_type.startswith(("image/", "audio/")):
-            raise MediaError(f"mime type {item.mime_type[:64]!r} is neither image/* nor audio/*")
+        if item.mime_type and not item.mime_type.startswith(tuple(m + "/" for m in MODALITIES)):
+            raise MediaError(f"mime type {item.mime_type[:64]!r} is not image/*, video/* or audio/*")
         modality = item.modality
-        if modality != self.modality:
-            what = self.modality or "text only"
+        if modality not in self.modalities:
+            what = " and ".join(self.modalities) or "text only"
             raise MediaError(f"this model does not accept {modality} input (it takes {what})")
         digest = hashlib.blake2b(item.data, digest_size=16, key=self._preprocess_key).hexdigest()
         if modality == "image":
@@ -159,8 +182,15 @@ class MultimodalProcessor:
             if self.mrope is None:
                 return DecodedMedia("image", digest, image=image, num_tokens=self.tokens_per_image)
             grid = self.image_grid(image.height, image.width)
-            return DecodedMedia("image", digest, image=image, grid_thw=grid,
-                                num_tokens=grid[0] * grid[1] * grid[2] // self.mrope.spatial_merge_size ** 2)
+            return DecodedMedia("image", digest, image=image, grid_thw=grid, num_tokens=self._grid_tokens(grid))
+        if modality == "video":
+            try:
+                video = decode_video(item.data, limits.video(), self._sample_frames)
+            except VideoError as exc:
+                raise MediaError(str(exc)) from None
+            _, height, width, _ = video.frames.shape
+            grid = self.video_grid(len(video.indices), height, width)
+            return DecodedMedia("video", digest, video=video, grid_thw=grid, num_tokens=self._grid_tokens(grid))
         audio = _decode_audio(item.data, self.sampling_rate, limits.max_audio_seconds)
         num_tokens = self.audio_tokens(len(audio))
         if num_tokens < 1:  # the placeholder would expand to nothing: the model would not hear it
@@ -168,6 +198,9 @@ class MultimodalProcessor:
             raise MediaError(f"audio is {len(audio) * ms:.1f} ms long, too short to give the audio encoder any "
                              f"output; send at least {math.ceil(self.min_audio_samples * ms)} ms")
         return DecodedMedia("audio", digest, audio=audio, num_tokens=num_tokens)
+
+    def _grid_tokens(self, grid: tuple[int, int, int]) -> int:
+        return grid[0] * grid[1] * grid[2] // self.mrope.spatial_merge_size ** 2
 
     def image_grid(self, height: int, width: int) -> tuple[int, int, int]:
         """Qwen-VL: the (t, h, w) patch grid of a ``height`` x ``width`` image, as the image
@@ -179,6 +212,29 @@ class MultimodalProcessor:
         h, w = smart_resize(height, width, factor=ip.patch_size * ip.merge_size,
                             min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
         return 1, h // ip.patch_size, w // ip.patch_size
+
+    def video_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """Qwen-VL: the (t, h, w) patch grid of ``num_frames`` sampled frames of ``height`` x
+        ``width``, as the video processor resizes them (its ``resize``: ``smart_resize``, the
+        per-frame pixel cap where ``cap_pixels_per_frame`` is set) and pads time to whole patches."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        vp = self.video_processor
+        factor, tps = vp.patch_size * vp.merge_size, vp.temporal_patch_size
+        min_pixels, max_pixels = vp.size["shortest_edge"], vp.size["longest_edge"]
+        if vp.cap_pixels_per_frame:
+            total_pixels = int(vp.max_video_tokens * factor * factor * 0.9)
+            max_pixels = max(min(max_pixels, total_pixels * tps // num_frames), int(min_pixels * 1.05))
+        h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+        return -(-num_frames // tps), h // vp.patch_size, w // vp.patch_size
+
+    def _sample_frames(self, total_frames: int, fps: float) -> list[int]:
+        """Indices of the frames the model sees: the video processor's own ``sample_frames`` at
+        ``video_fps``, the source's frame count and rate as transformers' PyAV loader reads them."""
+        from transformers.video_utils import VideoMetadata
+
+        meta = VideoMetadata(total_num_frames=total_frames, fps=fps, duration=total_frames / fps)
+        return self.video_processor.sample_frames(meta, fps=self.video_fps).tolist()
 
     @property
     def min_audio_samples(self) -> int:
@@ -198,23 +254,28 @@ class MultimodalProcessor:
 
     def build_token_plan(self, prompt: str, media: list[DecodedMedia]) -> TokenPlan:
         ids = self.tokenizer(prompt)["input_ids"]
-        if self.placeholder_id is None:
+        if not self.placeholders:
             if media:
                 raise MediaError("this model is text-only; remove the media items")
             return TokenPlan(ids)
-        positions = [i for i, t in enumerate(ids) if t == self.placeholder_id]
-        if len(positions) != len(media):
+        kind_of = {pid: m for m, (_, pid) in self.placeholders.items()}
+        found = [(i, kind_of[t]) for i, t in enumerate(ids) if t in kind_of]
+        if len(found) != len(media):
+            names = " / ".join(tok for tok, _ in self.placeholders.values())
             raise MediaError(
-                f"the prompt has {len(positions)} {self.placeholder} placeholder(s) but "
+                f"the prompt has {len(found)} {names} placeholder(s) but "
                 f"{len(media)} media item(s) were sent; use one placeholder per item, in order"
             )
         plan = TokenPlan([])
         prev = 0
-        for pos, item in zip(positions, media):
+        for n, ((pos, kind), item) in enumerate(zip(found, media)):
+            if kind != item.modality:
+                raise MediaError(f"placeholder {n} of the prompt is {self.placeholders[kind][0]} ({kind}) but "
+                                 f"media item {n} is {item.modality}; send the media in placeholder order")
             plan.prompt_token_ids.extend(ids[prev:pos])
             plan.media_offsets.append(len(plan.prompt_token_ids))
             plan.media_lengths.append(item.num_tokens)
-            plan.prompt_token_ids.extend([self.placeholder_id] * item.num_tokens)
+            plan.prompt_token_ids.extend([ids[pos]] * item.num_tokens)
             prev = pos + 1
         plan.prompt_token_ids.extend(ids[prev:])
         if self.mrope is not None and media:
@@ -224,12 +285,16 @@ class MultimodalProcessor:
 
     # -- encoder side ------------------------------------------------------------------------
     def preprocess(self, items: list[DecodedMedia]) -> dict[str, torch.Tensor]:
-        """Decoded media of this model's modality -> the encoder's batched input tensors."""
-        if self.modality == "image":
+        """Decoded media of one modality -> the encoder's batched input tensors."""
+        modality = items[0].modality
+        if modality == "image":
             out = self.image_processor([m.image for m in items], return_tensors="pt")
             if self.mrope is not None:  # [sum of patches, C * temporal_patch * patch^2], [N, 3]
-                return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+                return {"pixel_values": out["pixel_values"], "grid_thw": out["image_grid_thw"]}
             return {"pixel_values": out["pixel_values"]}  # [N, 3, H, W]
+        if modality == "video":  # frames already sampled (decode_media): the processor keeps them all
+            out = self.video_processor([m.video.frames for m in items], do_sample_frames=False, return_tensors="pt")
+            return {"pixel_values": out["pixel_values_videos"], "grid_thw": out["video_grid_thw"]}
         fe = self.hf_processor.feature_extractor
         out = fe([m.audio for m in items], sampling_rate=fe.sampling_rate, return_attention_mask=True,
                  padding="max_length", return_tensors="pt")
@@ -240,8 +305,10 @@ class MultimodalProcessor:
         """Key for content hashes: the same bytes under different preprocessing differ."""
         if self.modality is None:
             return b""
-        sub = self.image_processor or self.hf_processor.feature_extractor
-        blob = json.dumps(sub.to_dict(), sort_keys=True, default=str).encode()
+        subs = [self.image_processor, self.video_processor, self.hf_processor.feature_extractor
+                if self.modality == "audio" else None]
+        blob = json.dumps([sub.to_dict() for sub in subs if sub is not None] + [self.video_fps],
+                          sort_keys=True, default=str).encode()
         return hashlib.blake2b(blob, digest_size=32).digest()
 
 

@@ -490,10 +490,13 @@ def _build_processor(arch: str, tokenizer):
 
         # The torch (torchvision) processors, as the hub's Qwen2-VL folders load. Real image bounds
         # are 56^2 .. 28^2 x 1280 pixels; tiny ones keep tests fast while still resizing both ways
-        # (a 224x224 image is 64 tokens, the cap 256).
+        # (a 224x224 image is 64 tokens, the cap 256); video frames at most 28^2 x 64 pixels,
+        # sampled at 2 fps (the fps qwen-vl-utils and vLLM use).
         size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 256}
+        video = Qwen2VLVideoProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}, fps=2.0,
+                                      do_sample_frames=True, cap_pixels_per_frame=False)
         return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(size=size), tokenizer=tokenizer,
-                                video_processor=Qwen2VLVideoProcessor(), chat_template=_QWEN2_VL_CHAT_TEMPLATE)
+                                video_processor=video, chat_template=_QWEN2_VL_CHAT_TEMPLATE)
     feature_extractor = WhisperFeatureExtractor(
         feature_size=128,
         sampling_rate=16000,

@@ -148,9 +148,10 @@ class RouterCore:
             "model_path": model_path,
             "architecture": (getattr(self.hf_config, "architectures", None) or [""])[0],
             "max_context_length": self.max_model_len,
-            "modalities": ["text"] + ([modality] if modality else []),
-            "image_placeholder": proc.placeholder if modality == "image" else "",
-            "audio_placeholder": proc.placeholder if modality == "audio" else "",
+            "modalities": ["text"] + list(proc.modalities),
+            "image_placeholder": proc.placeholders.get("image", ("", 0))[0],
+            "audio_placeholder": proc.placeholders.get("audio", ("", 0))[0],
+            "video_placeholder": proc.placeholders.get("video", ("", 0))[0],
             "num_tokens_per_image": proc.tokens_per_image if modality == "image" else 0,
             "audio_tokens_per_second": audio_tps,
             "dtype": self.config.engine.dtype,
@@ -158,7 +159,10 @@ class RouterCore:
             "eos_token_ids": list(self.eos_token_ids),
             "limits": {"max_media_per_request": limits.max_media_per_request,
                        "max_image_pixels": limits.max_image_pixels,
-                       "max_audio_seconds": limits.max_audio_seconds},
+                       "max_audio_seconds": limits.max_audio_seconds,
+                       "max_video_seconds": limits.max_video_seconds,
+                       "max_video_frames": limits.max_video_frames,
+                       "max_media_tokens": limits.max_media_tokens},
         }
 
     async def cluster_status(self) -> dict[str, Any]:

@@ -41,7 +41,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Tessera"].full_name  # "tessera.v
 
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT,
            "error": pb.FINISH_REASON_ERROR}
-_MODALITY = {"text": pb.MODALITY_TEXT, "image": pb.MODALITY_IMAGE, "audio": pb.MODALITY_AUDIO}
+_MODALITY = {"text": pb.MODALITY_TEXT, "image": pb.MODALITY_IMAGE, "audio": pb.MODALITY_AUDIO,
+             "video": pb.MODALITY_VIDEO}
 _STATE = {"starting": pb.WORKER_STATE_STARTING, "ready": pb.WORKER_STATE_READY,
           "draining": pb.WORKER_STATE_DRAINING, "dead": pb.WORKER_STATE_DEAD}
 # WorkerLoad field <- worker load() keys (first present wins; roles report different ones).
@@ -133,11 +134,15 @@ def model_info_to_proto(info: dict[str, Any]) -> pb.ModelInfo:
         model_name=info["model_name"], model_path=info["model_path"], architecture=info["architecture"],
         max_context_length=info["max_context_length"], modalities=[_MODALITY[m] for m in info["modalities"]],
         image_placeholder=info["image_placeholder"], audio_placeholder=info["audio_placeholder"],
+        video_placeholder=info["video_placeholder"],
         num_tokens_per_image=info["num_tokens_per_image"], audio_tokens_per_second=info["audio_tokens_per_second"],
         dtype=info["dtype"], vocab_size=info["vocab_size"], eos_token_ids=info["eos_token_ids"],
         limits=pb.MediaLimits(max_media_per_request=limits["max_media_per_request"],
                               max_image_pixels=limits["max_image_pixels"],
-                              max_audio_seconds=limits["max_audio_seconds"]))
+                              max_audio_seconds=limits["max_audio_seconds"],
+                              max_video_seconds=limits["max_video_seconds"],
+                              max_video_frames=limits["max_video_frames"],
+                              max_media_tokens=limits["max_media_tokens"]))
 
 
 def worker_load_to_proto(load: dict[str, Any]) -> pb.WorkerLoad:

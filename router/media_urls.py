@@ -1,8 +1,8 @@
 """Media parts of OpenAI requests -> ``MediaInput`` bytes.
 
-* ``image_url`` with a ``data:image/...;base64,...`` URI and ``input_audio`` (base64 wav/mp3/flac):
-  always, decoded in place.
-* ``image_url`` with an ``http(s)://`` URL: only when ``router.media_url_allowlist`` names its host
+* ``image_url`` / ``video_url`` with a ``data:image/...;base64,...`` / ``data:video/...`` URI and
+  ``input_audio`` (base64 wav/mp3/flac): always, decoded in place.
+* ``image_url`` / ``video_url`` with an ``http(s)://`` URL: only when ``router.media_url_allowlist`` names its host
   (off by default: a server that fetches any URL a client names can be made to probe its own
   network). Each fetch is capped in time (``router.media_url_timeout_s``, the whole fetch) and size
   (``engine.limits.max_media_bytes``, counted as the bytes arrive); redirects are not followed
@@ -19,7 +19,7 @@ import binascii
 from urllib.parse import urlsplit
 
 from models.processor import MediaInput
-from router.openai_protocol import HTTPError, ImageURLPart, InputAudioPart, MediaPart
+from router.openai_protocol import HTTPError, ImageURLPart, InputAudioPart, MediaPart, VideoURLPart
 
 AUDIO_MIME = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac"}
 
@@ -46,23 +46,26 @@ class MediaResolver:
         if isinstance(part, InputAudioPart):
             audio = part.input_audio
             return MediaInput(self._b64(audio.data, f"{param}.input_audio.data"), AUDIO_MIME[audio.format])
-        assert isinstance(part, ImageURLPart)
-        url, param = part.image_url.url.strip(), f"{param}.image_url.url"
+        kind, url = ("video", part.video_url.url) if isinstance(part, VideoURLPart) else ("image", part.image_url.url)
+        assert isinstance(part, (ImageURLPart, VideoURLPart))
+        url, param = url.strip(), f"{param}.{kind}_url.url"
         if url[:5].lower() == "data:":
-            return self._data_uri(url, param)
-        return await self._fetch(url, param)
+            return self._data_uri(url, param, kind)
+        return await self._fetch(url, param, kind)
 
     # -- inline -------------------------------------------------------------------------------
-    def _data_uri(self, url: str, param: str) -> MediaInput:
+    def _data_uri(self, url: str, param: str, kind: str) -> MediaInput:
         header, sep, data = url[5:].partition(",")
         fields = [f.strip().lower() for f in header.split(";")]
+        example = "data:image/png;base64,..." if kind == "image" else "data:video/mp4;base64,..."
         if not sep or "base64" not in fields[1:]:
-            raise HTTPError(400, "a data: URI must be base64-encoded: data:image/png;base64,...", param=param)
+            raise HTTPError(400, f"a data: URI must be base64-encoded: {example}", param=param)
         mime = fields[0]
-        if mime and not mime.startswith("image/"):
-            raise HTTPError(400, f"image_url holds {mime!r}; send images as image/* (audio goes in "
-                                 f"input_audio parts)", param=param)
-        return MediaInput(self._b64(data, param), mime)
+        if mime and not mime.startswith(kind + "/"):
+            raise HTTPError(400, f"{kind}_url holds {mime!r}; send {kind}s as {kind}/* (images go in image_url, "
+                                 f"videos in video_url, audio in input_audio parts)", param=param)
+        # no mime: the bytes say what they are, but a video_url must hold a video
+        return MediaInput(self._b64(data, param), mime or ("video/" if kind == "video" else ""))
 
     def _b64(self, data: str, param: str) -> bytes:
         if len(data) // 4 * 3 > self.max_bytes + 3:  # before decoding anything
@@ -73,19 +76,19 @@ class MediaResolver:
             raise HTTPError(400, "media data is not valid base64", param=param) from None
 
     # -- fetched ------------------------------------------------------------------------------
-    async def _fetch(self, url: str, param: str) -> MediaInput:
+    async def _fetch(self, url: str, param: str, kind: str) -> MediaInput:
         import httpx
 
         try:
             parts = urlsplit(url)
             host = parts.hostname or ""
         except ValueError:
-            raise HTTPError(400, "image_url is not a valid URL", param=param) from None
+            raise HTTPError(400, f"{kind}_url is not a valid URL", param=param) from None
         if parts.scheme.lower() not in ("http", "https") or not host:
-            raise HTTPError(400, "image_url must be a data: URI or an http(s) URL", param=param)
+            raise HTTPError(400, f"{kind}_url must be a data: URI or an http(s) URL", param=param)
         if not self.allowlist:
-            raise HTTPError(400, "this server does not fetch media URLs; send the image inline as a "
-                                 "data:image/...;base64 URI", param=param, code="url_fetch_disabled")
+            raise HTTPError(400, f"this server does not fetch media URLs; send the {kind} inline as a "
+                                 f"data:{kind}/...;base64 URI", param=param, code="url_fetch_disabled")
         if parts.username or parts.password or not host_allowed(host, self.allowlist):
             raise HTTPError(400, f"fetching from host {host!r} is not allowed (router.media_url_allowlist)",
                             param=param, code="url_not_allowed")
@@ -95,26 +98,26 @@ class MediaResolver:
                                              timeout=self.timeout_s) as client:
                     async with client.stream("GET", url) as resp:
                         if resp.status_code != 200:
-                            raise HTTPError(400, f"fetching the image answered HTTP {resp.status_code}",
+                            raise HTTPError(400, f"fetching the {kind} answered HTTP {resp.status_code}",
                                             param=param, code="url_fetch_failed")
-                        data = await self._read_capped(resp, param)
+                        data = await self._read_capped(resp, param, kind)
                         mime = resp.headers.get("content-type", "").split(";")[0].strip().lower()
         except TimeoutError:
-            raise HTTPError(400, f"fetching the image took over {self.timeout_s:g} s", param=param,
+            raise HTTPError(400, f"fetching the {kind} took over {self.timeout_s:g} s", param=param,
                             code="url_fetch_failed") from None
         except httpx.HTTPError as exc:
-            raise HTTPError(400, f"cannot fetch the image: {type(exc).__name__}", param=param,
+            raise HTTPError(400, f"cannot fetch the {kind}: {type(exc).__name__}", param=param,
                             code="url_fetch_failed") from None
-        return MediaInput(data, mime if mime.startswith("image/") else "")
+        return MediaInput(data, mime if mime.startswith(kind + "/") else ("video/" if kind == "video" else ""))
 
-    async def _read_capped(self, resp, param: str) -> bytes:
+    async def _read_capped(self, resp, param: str, kind: str) -> bytes:
         declared = resp.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            raise HTTPError(400, f"the image is {declared} bytes; the limit is {self.max_bytes}", param=param)
+            raise HTTPError(400, f"the {kind} is {declared} bytes; the limit is {self.max_bytes}", param=param)
         chunks, size = [], 0
         async for chunk in resp.aiter_bytes():
             size += len(chunk)
             if size > self.max_bytes:
-                raise HTTPError(400, f"the image is over {self.max_bytes} bytes", param=param)
+                raise HTTPError(400, f"the {kind} is over {self.max_bytes} bytes", param=param)
             chunks.append(chunk)
         return b"".join(chunks)

@@ -63,6 +63,17 @@ class ImageURLPart(_Tolerant):
     image_url: ImageURL
 
 
+class VideoURL(_Tolerant):
+    url: str  # data:video/mp4;base64,... (or webm, x-matroska) or an allow-listed http(s) URL
+
+
+class VideoURLPart(_Tolerant):
+    """vLLM's extension for video models (Qwen-VL): ``{"type": "video_url", "video_url": {"url"}}``."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
 class InputAudio(_Tolerant):
     data: str  # base64
     format: Literal["wav", "mp3", "flac"]
@@ -73,8 +84,8 @@ class InputAudioPart(_Tolerant):
     input_audio: InputAudio
 
 
-ContentPart = Annotated[TextPart | ImageURLPart | InputAudioPart, Field(discriminator="type")]
-MediaPart = ImageURLPart | InputAudioPart
+ContentPart = Annotated[TextPart | ImageURLPart | VideoURLPart | InputAudioPart, Field(discriminator="type")]
+MediaPart = ImageURLPart | VideoURLPart | InputAudioPart
 
 
 class ChatMessage(_Tolerant):

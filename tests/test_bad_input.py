@@ -15,10 +15,13 @@ Decisions the corpus pins down (see also README "Bad input"):
 * Chat text cannot inject special tokens: a typed ``<image>``, ``</s>`` or ``<|im_start|>`` (also
   split over two parts) is refused. A raw ``prompt`` may hold them: there the placeholders place
   the media, and their count must equal the media count.
+* Video (Qwen2-VL): MP4/MOV, WebM, MKV only (by magic bytes), H.264/HEVC/VP8/VP9/AV1 only; the
+  header is checked before decoding (duration, frame size, sampled frames); decoding is strict, so
+  a damaged bitstream is refused, not concealed.
 * Sampling: a temperature below 1e-5 samples greedily (it used to fail the prefill step with NaN
   probabilities).
 
-Runs with small size limits (``LIMITS``) so the size cases stay cheap. Order: image, then audio.
+Runs with small size limits (``LIMITS``) so the size cases stay cheap. Order: image, then audio, then video.
 """
 
 from __future__ import annotations
@@ -115,7 +118,7 @@ def problem(message: str, fragment: str) -> str:
     """Why ``message`` is not one a user can act on ("" when it is fine)."""
     if not message.strip():
         return "empty message"
-    if "Traceback" in message or re.search(r"0x[0-9a-fA-F]{4,}", message):  # a memory address
+    if "Traceback" in message or re.search(r"\b0x[0-9a-fA-F]{4,}", message):  # a memory address
         return "traceback or address in the message"
     if fragment.lower() not in message.lower():
         return f"does not mention {fragment!r}"
@@ -200,7 +203,7 @@ def bad_image_requests(stack) -> dict[str, tuple[object, str]]:
         "text labelled image/png": (one(img(b"just some text, no image")), "cannot decode image"),
         "svg": (one(img(b'<svg xmlns="http://www.w3.org/2000/svg"/>', "image/svg+xml")), "cannot decode image"),
         "eps (a format not read)": (one(img(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n")), "PNG"),
-        "video mime type": (one(img(png(8, 8), "video/mp4")), "mime type"),
+        "video to an image-only model": (one(img(png(8, 8), "video/mp4")), "does not accept video"),
         "header claims 100000x100000": (one(img(png_claiming(100_000, 100_000))), "pixels"),
         "header claims 8192x8192": (one(img(png_claiming(8192, 8192))), "8192x8192"),
         "1x5000": (one(img(png(1, 5000))), "aspect ratio"),
@@ -396,3 +399,134 @@ def test_edge_audio_is_served_and_the_cluster_unharmed(served_cluster, tiny_mode
         got = stack.client.generate(AUDIO_PROMPT, [MediaInput(data, "audio/wav")], S(max_tokens=4))
         assert got.token_ids and got.prompt_tokens >= len(stack.core.tokenizer(AUDIO_PROMPT)["input_ids"])
     assert_unharmed(stack, "qwen2-audio", tiny_models, "audio")
+
+
+# -- video model -------------------------------------------------------------------------------
+VIDEO_PROMPT = "<|vision_start|><|video_pad|><|vision_end|>What happens?"
+
+
+def video_without_frames() -> bytes:
+    """A Matroska file with a video stream that holds no frame (its only packets are audio)."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="matroska") as container:
+        video = container.add_stream("libx264", rate=4)
+        video.width = video.height = 64
+        video.pix_fmt = "yuv420p"
+        audio = container.add_stream("pcm_s16le", rate=8000)
+        audio.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 8000), np.int16), format="s16", layout="mono")
+        frame.sample_rate, frame.pts = 8000, 0
+        for packet in [*audio.encode(frame), *audio.encode()]:
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def video_claiming_hours(hours: float) -> bytes:
+    """Three real H.264 frames whose timestamps span ``hours``: the header says that long."""
+    import fractions
+
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=1)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = fractions.Fraction(1, 1)
+        for i, pts in enumerate([0, 1, int(hours * 3600)]):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 40 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = pts, fractions.Fraction(1, 1)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def flat_video(width: int, height: int, frames: int = 2) -> bytes:
+    """An H.264 MP4 of one flat colour (a few KiB at any size)."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=2)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 90, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def bad_video_requests() -> dict[str, tuple[object, str]]:
+    from models.media_samples import make_test_video
+
+    def one(data: bytes, mime: str = "video/mp4", prompt: str = VIDEO_PROMPT) -> object:
+        return build_request(prompt, [MediaInput(data, mime)], S(max_tokens=2))
+
+    good = make_test_video(5)
+    garbled = bytearray(good)
+    garbled[len(good) // 2: len(good) // 2 + 400] = bytes(400)
+    noise = good[:40] + np.random.default_rng(0).integers(0, 256, len(good) - 40, dtype=np.uint8).tobytes()
+    return {
+        "corrupt (noise after the ftyp box)": (one(noise), "corrupt"),
+        "garbled middle": (one(bytes(garbled)), "corrupt"),
+        "truncated to half": (one(good[: len(good) // 2]), "truncated"),
+        "truncated tail": (one(good[:-200]), "truncated"),
+        "zero frames": (one(video_without_frames(), "video/x-matroska"), "no frames"),
+        "a 10-hour header": (one(video_claiming_hours(10)), "36001.0 s long"),
+        "unknown codec (MPEG-4 part 2 in MKV)": (one(make_test_video(5, kind="mkv", codec="mpeg4"), "video/x-matroska"),
+                                                 "codec 'mpeg4'"),
+        "one frame": (one(make_test_video(5, num_frames=1)), "too few"),
+        "text labelled video/mp4": (one(b"hello, not a video at all"), "not an MP4"),
+        "png labelled video/mp4": (one(png(8, 8)), "not an MP4"),
+        "over max_media_bytes": (one(b"\x00\x00\x00\x20ftypisom" + bytes(2**20)), "bytes"),
+        "frames over 4096x4096": (one(flat_video(4100, 4100)), "pixels"),
+        "zero-byte video": (one(b""), "empty"),
+        "video for an image placeholder": (one(good, prompt="<|vision_start|><|image_pad|><|vision_end|> hi"),
+                                           "media item 0 is video"),
+        "<|video_pad|> typed in chat text": (build_request(messages=chat("look <|video_pad|>")), "placeholder"),
+    }
+
+
+@pytest.mark.slow
+def test_bad_video_requests_are_refused_before_any_worker(served_cluster):
+    stack = started(served_cluster, "qwen2-vl")
+    before = worker_counters(stack)
+    assert_all_refused(stack, bad_video_requests())
+    assert worker_counters(stack) == before
+
+
+@pytest.mark.slow
+def test_bad_video_urls_are_openai_400s_and_the_cluster_unharmed(served_cluster, tiny_models):
+    stack = started(served_cluster, "qwen2-vl")
+
+    def body(url: str, kind: str = "video_url") -> dict:
+        return {"messages": [{"role": "user", "content": [{"type": kind, kind: {"url": url}},
+                                                          {"type": "text", "text": "What happens?"}]}],
+                "max_tokens": 2}
+
+    from models.media_samples import make_test_video
+
+    cases = {  # name -> (body, param, fragment)
+        "an image labelled video/mp4": (body(data_uri(make_test_image(1), "video/mp4")), "not an MP4"),
+        "a video in image_url": (body(data_uri(make_test_video(1), "video/mp4"), "image_url"), "image/*"),
+        "image mime in video_url": (body(data_uri(make_test_video(1), "image/png")), "video/*"),
+        "truncated video": (body(data_uri(make_test_video(1)[:300], "video/mp4")), "truncated"),
+        "not base64": (body("data:video/mp4;base64,@@@"), "base64"),
+        "URL fetching off": (body("http://127.0.0.1:1/clip.mp4"), "data:video"),
+    }
+    before = worker_counters(stack)
+    failures = []
+    with httpx.Client(base_url=stack.http_url, timeout=120) as http:
+        for name, (payload, fragment) in cases.items():
+            error = assert_openai_error(http.post("/v1/chat/completions", json=payload), 400)
+            if problem(error["message"], fragment):
+                failures.append(f"{name}: {error['message']!r} {problem(error['message'], fragment)}")
+    assert not failures, "\n".join(failures)
+    assert worker_counters(stack) == before
+    assert_unharmed(stack, "qwen2-vl", tiny_models, "image-and-video")

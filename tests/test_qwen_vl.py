@@ -50,15 +50,18 @@ def test_positions_equal_transformers_rope_index(qwen_vl):
     path, ref = qwen_vl
     spec = MRopeSpec.from_config(ref.model.config)
     for name, (prompt, media) in prompt_cases("qwen2-vl").items():
-        inputs = ref.processor(text=prompt, images=[_pil(m) for m in media] or None, return_tensors="pt")
+        inputs = ref.inputs(prompt, media)
         ids = inputs["input_ids"]
-        grids = [tuple(int(x) for x in g) for g in inputs.get("image_grid_thw", [])]
+        image_grids = iter(inputs.get("image_grid_thw", []))
+        video_grids = iter(inputs.get("video_grid_thw", []))
+        grids = [tuple(int(x) for x in next(image_grids if m.modality == "image" else video_grids)) for m in media]
         ours, delta = mrope_positions(spec, ids[0].tolist(), grids)
         if media:
-            want, want_delta = ref.model.model.get_rope_index(ids, inputs["mm_token_type_ids"],
-                                                              image_grid_thw=inputs["image_grid_thw"])
+            want, want_delta = ref.model.model.get_rope_index(
+                ids, inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+                video_grid_thw=inputs.get("video_grid_thw"))
             assert torch.equal(ours, want[:, 0]), name
-            assert delta == int(want_delta) < 0, name  # images take fewer positions than tokens
+            assert delta == int(want_delta) < 0, name  # media take fewer positions than tokens
         else:
             assert torch.equal(ours, torch.arange(ids.shape[1]).expand(3, -1)) and delta == 0
     # after the prompt, every token sits at index + delta on all three axes

@@ -23,6 +23,7 @@ class Modality(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODALITY_TEXT: _ClassVar[Modality]
     MODALITY_IMAGE: _ClassVar[Modality]
     MODALITY_AUDIO: _ClassVar[Modality]
+    MODALITY_VIDEO: _ClassVar[Modality]
 
 class WorkerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -40,6 +41,7 @@ MODALITY_UNSPECIFIED: Modality
 MODALITY_TEXT: Modality
 MODALITY_IMAGE: Modality
 MODALITY_AUDIO: Modality
+MODALITY_VIDEO: Modality
 WORKER_STATE_UNSPECIFIED: WorkerState
 WORKER_STATE_STARTING: WorkerState
 WORKER_STATE_READY: WorkerState
@@ -187,7 +189,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "model_path", "architecture", "max_context_length", "modalities", "image_placeholder", "audio_placeholder", "num_tokens_per_image", "audio_tokens_per_second", "dtype", "vocab_size", "eos_token_ids", "limits")
+    __slots__ = ("model_name", "model_path", "architecture", "max_context_length", "modalities", "image_placeholder", "audio_placeholder", "num_tokens_per_image", "audio_tokens_per_second", "dtype", "vocab_size", "eos_token_ids", "limits", "video_placeholder")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +203,7 @@ class ModelInfo(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_PLACEHOLDER_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_path: str
     architecture: str
@@ -214,17 +217,24 @@ class ModelInfo(_message.Message):
     vocab_size: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     limits: MediaLimits
-    def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context_length: _Optional[int] = ..., modalities: _Optional[_Iterable[_Union[Modality, str]]] = ..., image_placeholder: _Optional[str] = ..., audio_placeholder: _Optional[str] = ..., num_tokens_per_image: _Optional[int] = ..., audio_tokens_per_second: _Optional[float] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., limits: _Optional[_Union[MediaLimits, _Mapping]] = ...) -> None: ...
+    video_placeholder: str
+    def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context_length: _Optional[int] = ..., modalities: _Optional[_Iterable[_Union[Modality, str]]] = ..., image_placeholder: _Optional[str] = ..., audio_placeholder: _Optional[str] = ..., num_tokens_per_image: _Optional[int] = ..., audio_tokens_per_second: _Optional[float] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., limits: _Optional[_Union[MediaLimits, _Mapping]] = ..., video_placeholder: _Optional[str] = ...) -> None: ...
 
 class MediaLimits(_message.Message):
-    __slots__ = ("max_media_per_request", "max_image_pixels", "max_audio_seconds")
+    __slots__ = ("max_media_per_request", "max_image_pixels", "max_audio_seconds", "max_video_seconds", "max_video_frames", "max_media_tokens")
     MAX_MEDIA_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_AUDIO_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_VIDEO_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_VIDEO_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MEDIA_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_media_per_request: int
     max_image_pixels: int
     max_audio_seconds: float
-    def __init__(self, max_media_per_request: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_audio_seconds: _Optional[float] = ...) -> None: ...
+    max_video_seconds: float
+    max_video_frames: int
+    max_media_tokens: int
+    def __init__(self, max_media_per_request: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_audio_seconds: _Optional[float] = ..., max_video_seconds: _Optional[float] = ..., max_video_frames: _Optional[int] = ..., max_media_tokens: _Optional[int] = ...) -> None: ...
 
 class GetClusterStatusRequest(_message.Message):
     __slots__ = ()

@@ -30,7 +30,7 @@ from cluster.engine.sampling import SamplingParams
 from cluster.engine.setup import build_lm_engine, eos_token_ids, resolve_engine_model
 from cluster.faults import FaultInjector
 from models.loader import load_model
-from models.processor import MediaInput, MultimodalProcessor
+from models.processor import MODALITIES, MediaInput, MultimodalProcessor
 
 
 @dataclass
@@ -149,7 +149,7 @@ class ColocatedEngine:
         if any(p.media for p in pending):
             self.faults.hit("encode")
         embeddings: dict[tuple[str, int], torch.Tensor] = {}
-        for modality in ("image", "audio"):
+        for modality in MODALITIES:
             keys = [(p.request_id, i) for p in pending for i, m in enumerate(p.media) if m.modality == modality]
             items = [p.media[i] for p in pending for i, m in enumerate(p.media) if m.modality == modality]
             embeddings.update(zip(keys, self.encoder.encode(items)))

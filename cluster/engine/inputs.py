@@ -95,8 +95,13 @@ class InputPreparer:
         n = len(plan.prompt_token_ids)
         if n == 0:
             raise InvalidRequestError("the prompt is empty")
+        media_tokens = sum(plan.media_lengths)
+        if self.limits.max_media_tokens and media_tokens > self.limits.max_media_tokens:
+            raise InvalidRequestError(
+                f"the media items become {media_tokens} prompt tokens "
+                f"({', '.join(f'{m.modality} {m.num_tokens}' for m in decoded)}); the limit is "
+                f"{self.limits.max_media_tokens} per request: send fewer or smaller media")
         if n + 1 > self.max_model_len:
-            media_tokens = sum(plan.media_lengths)
             of_media = f" ({media_tokens} of them for {len(decoded)} media items)" if decoded else ""
             raise InvalidRequestError(
                 f"the prompt is {n} tokens after media expansion{of_media}; the context length is "
@@ -106,7 +111,7 @@ class InputPreparer:
         return PreparedRequest(request_id, plan, decoded, sampling)
 
     def render_chat(self, turns: list[dict]) -> str:
-        """Chat turns (``{"role", "content": [{"type": "text", "text"} | {"type": "image" | "audio"}]}``)
+        """Chat turns (``{"role", "content": [{"type": "text", "text"} | {"type": "image" | "video" | "audio"}]}``)
         -> the prompt, by the model's chat template. Chat text is the client's: it must not add a
         special token to the prompt (a typed "<image>" would outnumber the media, "<|im_start|>"
         forge a turn). Checked on the rendered prompt against the same turns with every text
@@ -125,9 +130,9 @@ class InputPreparer:
             raise InvalidRequestError(f"cannot apply the chat template: {str(exc)[:200]}") from None
         typed = [t for t in self.processor.special_tokens if prompt.count(t) != skeleton.count(t)]
         if typed:
-            placeholder = self.processor.placeholder
-            if placeholder in typed:
-                raise InvalidRequestError(f"chat text must not contain the placeholder {placeholder!r}: "
-                                          f"send media as media parts")
+            for placeholder, _ in self.processor.placeholders.values():
+                if placeholder in typed:
+                    raise InvalidRequestError(f"chat text must not contain the placeholder {placeholder!r}: "
+                                              f"send media as media parts")
             raise InvalidRequestError(f"chat text must not contain special tokens such as {typed[0]!r}")
         return prompt
