@@ -53,7 +53,7 @@ class VisionEncoder(nn.Module):
 
 
 class QwenVLVisionEncoder(nn.Module):
-    """Qwen2-VL vision path: a ViT over the flattened patches of every image of the batch at once
+    """Qwen2-VL / Qwen2.5-VL vision path: a ViT over the flattened patches of every image of the batch at once
     (each image attends within itself: cumulative lengths from ``grid_thw``), then the 2x2 patch
     merger into the LM's hidden size — the reference ``get_image_features`` and
     ``get_video_features`` (one tower for both)."""
@@ -62,9 +62,15 @@ class QwenVLVisionEncoder(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
         from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
-        self.visual = Qwen2VisionTransformerPretrainedModel._from_config(config.vision_config)
+        towers = {"qwen2_vl_vision": Qwen2VisionTransformerPretrainedModel,  # full attention, LayerNorm, GELU
+                  "qwen2_5_vl_vision": Qwen2_5_VisionTransformerPretrainedModel}  # + windows, RMSNorm, SwiGLU
+        tower = towers.get(config.vision_config.model_type)
+        if tower is None:
+            raise ValueError(f"unsupported Qwen-VL vision tower {config.vision_config.model_type!r}")
+        self.visual = tower._from_config(config.vision_config)
         self.spatial_merge_size = config.vision_config.spatial_merge_size
 
     @property

@@ -24,8 +24,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from models.attention_backend import StepAttention
 
-SUPPORTED_TEXT_MODEL_TYPES = ("llama", "qwen2", "qwen2_vl_text")
-_QKV_BIAS_TYPES = ("qwen2", "qwen2_vl_text")  # Qwen2 (and the Qwen2-VL LM): q/k/v bias, none on o_proj
+SUPPORTED_TEXT_MODEL_TYPES = ("llama", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text")
+_QKV_BIAS_TYPES = ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text")  # Qwen2 (and the Qwen2-VL LM): q/k/v bias, none on o_proj
 
 
 class RMSNorm(nn.Module):

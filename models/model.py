@@ -4,7 +4,7 @@ Module tree (and therefore the canonical weight names the loader maps every layo
 
     language_model   CausalLM          language_model.model.*, language_model.lm_head.*
     vision           VisionEncoder     vision.vision_tower.*, vision.multi_modal_projector.*   (LLaVA)
-                     QwenVLVisionEncoder  vision.visual.*                                    (Qwen2-VL)
+                     QwenVLVisionEncoder  vision.visual.*                          (Qwen2-VL, Qwen2.5-VL)
     audio            AudioEncoder      audio.audio_tower.*, audio.multi_modal_projector.*      (Qwen2-Audio)
 
 Pools load only the part they run (``parts=``): encoder workers the encoders, prefill and decode
@@ -25,13 +25,14 @@ from models.llm import CausalLM
 ARCHITECTURES: dict[str, str | None] = {
     "LlavaForConditionalGeneration": "image",
     "Qwen2VLForConditionalGeneration": "image",
+    "Qwen2_5_VLForConditionalGeneration": "image",
     "Qwen2AudioForConditionalGeneration": "audio",
     "LlamaForCausalLM": None,
     "Qwen2ForCausalLM": None,
 }
 
 # Dynamic resolution and M-RoPE positions (models/mrope.py)
-QWEN_VL_ARCHITECTURES = frozenset({"Qwen2VLForConditionalGeneration"})
+QWEN_VL_ARCHITECTURES = frozenset({"Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"})
 
 ALL_PARTS = frozenset({"language_model", "encoders"})
 

@@ -2,7 +2,8 @@
 width — computed from the prompt's token ids and each media item's patch grid.
 
 Text tokens get the same id on all three axes, counting on from the last position used; the
-tokens of an image or video get ``start + (t, h, w)`` over its merged grid, and the text after it
+tokens of an image or video get ``start + (t, h, w)`` over its merged grid (Qwen2.5-VL spaces a
+video's temporal ids by time: ``t * tokens_per_second * seconds_per_temporal_patch``), and the text after it
 continues at ``start + max(h, w)`` (the spatial extent, as transformers' ``get_rope_index``). The
 prompt's positions therefore end below its length: ``delta = max position + 1 - len(prompt)``
 (negative after large images), and every later token ``i`` (output, or a prompt token past
@@ -24,6 +25,7 @@ class MRopeSpec:
     image_token_id: int
     video_token_id: int | None
     spatial_merge_size: int
+    tokens_per_second: int | None = None  # Qwen2.5-VL: temporal position ids per second of video
 
     @classmethod
     def from_config(cls, config) -> "MRopeSpec | None":
@@ -32,13 +34,17 @@ class MRopeSpec:
         if "mrope_section" not in params:
             return None
         return cls(config.image_token_id, getattr(config, "video_token_id", None),
-                   config.vision_config.spatial_merge_size)
+                   config.vision_config.spatial_merge_size, getattr(config.vision_config, "tokens_per_second", None))
 
 
-def mrope_positions(spec: MRopeSpec, token_ids: list[int], grids: list[tuple[int, int, int]]) -> tuple[torch.Tensor, int]:
+def mrope_positions(spec: MRopeSpec, token_ids: list[int], grids: list[tuple[int, int, int]],
+                    seconds_per_grid: list[float | None] | None = None) -> tuple[torch.Tensor, int]:
     """``([3, len(token_ids)] int64 positions, delta)``. ``grids``: the (t, h, w) patch grid of
     each media item, in prompt order; each item's placeholders are one run of its media token,
-    ``t * h * w / merge**2`` long (ValueError otherwise)."""
+    ``t * h * w / merge**2`` long (ValueError otherwise). ``seconds_per_grid``: per item, a
+    video's seconds per temporal patch (None for images), used where the spec has
+    ``tokens_per_second``."""
+    seconds_per_grid = seconds_per_grid or [None] * len(grids)
     merge = spec.spatial_merge_size
     media = {spec.image_token_id, spec.video_token_id} - {None}
     pieces: list[torch.Tensor] = []
@@ -53,8 +59,12 @@ def mrope_positions(spec: MRopeSpec, token_ids: list[int], grids: list[tuple[int
             length = t * gh * gw
             if token_ids[i: i + length] != [token_ids[i]] * length:
                 raise ValueError(f"media item {item}: expected {length} placeholder tokens at index {i}")
-            grid_t, grid_h, grid_w = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw),
-                                                    indexing="ij")
+            temporal = torch.arange(t)
+            if spec.tokens_per_second and seconds_per_grid[item] is not None:
+                # float32 as transformers computes it (a tensor of seconds), then truncated
+                interval = spec.tokens_per_second * torch.tensor(seconds_per_grid[item], dtype=torch.float32)
+                temporal = (temporal * interval).long()
+            grid_t, grid_h, grid_w = torch.meshgrid(temporal, torch.arange(gh), torch.arange(gw), indexing="ij")
             pieces.append(torch.stack([grid_t, grid_h, grid_w]).reshape(3, -1) + pos)
             pos += max(gh, gw)
             i, item = i + length, item + 1

@@ -91,6 +91,7 @@ MODALITIES = ("image", "video", "audio")
 # architecture -> the media it takes (the first names the model's placeholder in messages)
 _ARCH_MODALITIES = {"LlavaForConditionalGeneration": ("image",),
                     "Qwen2VLForConditionalGeneration": ("image", "video"),
+                    "Qwen2_5_VLForConditionalGeneration": ("image", "video"),
                     "Qwen2AudioForConditionalGeneration": ("audio",)}
 
 
@@ -228,6 +229,13 @@ class MultimodalProcessor:
         h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
         return -(-num_frames // tps), h // vp.patch_size, w // vp.patch_size
 
+    def seconds_per_grid(self, item: DecodedMedia) -> float | None:
+        """A video's seconds per temporal patch (Qwen2.5-VL's ``second_per_grid_ts``:
+        ``temporal_patch_size / sampled fps``); None for other media."""
+        if item.video is None:
+            return None
+        return self.video_processor.temporal_patch_size / item.video.sampled_fps
+
     def _sample_frames(self, total_frames: int, fps: float) -> list[int]:
         """Indices of the frames the model sees: the video processor's own ``sample_frames`` at
         ``video_fps``, the source's frame count and rate as transformers' PyAV loader reads them."""
@@ -280,7 +288,8 @@ class MultimodalProcessor:
         plan.prompt_token_ids.extend(ids[prev:])
         if self.mrope is not None and media:
             plan.mrope_positions, plan.position_delta = mrope_positions(
-                self.mrope, plan.prompt_token_ids, [m.grid_thw for m in media])
+                self.mrope, plan.prompt_token_ids, [m.grid_thw for m in media],
+                [self.seconds_per_grid(m) for m in media])
         return plan
 
     # -- encoder side ------------------------------------------------------------------------

@@ -22,6 +22,9 @@ Architectures (`ARCHS`):
                          patch), 2x2 patch merger -> Qwen2 LM with M-RoPE (mrope_section
                          [8, 12, 12] of head_dim 64). Dynamic resolution: an image becomes
                          (h / 28) x (w / 28) tokens after the processor's smart resize.
+- ``qwen2.5-vl``         Qwen2.5-VL: the same shape with its tower (RMSNorm, SwiGLU, window
+                         attention over 4x4 merged patches, full attention in block 1) and
+                         time-aligned M-RoPE for video (2 position ids per second).
 - ``qwen2-audio``        Qwen2-Audio: Whisper-style encoder (128 mel bins, 30 s window) -> linear
                          projector -> Qwen2 LM (untied, as Qwen2-Audio-7B). One audio token per
                          40 ms of audio: ((frames - 1) // 2 + 1 - 2) // 2 + 1 with frames = 100/s.
@@ -51,7 +54,8 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
 from tokenizers import models as bpe_models
 
-ARCHS = ("llava-clip-llama", "llava-siglip-qwen2", "qwen2-vl", "qwen2-audio")
+ARCHS = ("llava-clip-llama", "llava-siglip-qwen2", "qwen2-vl", "qwen2.5-vl", "qwen2-audio")
+QWEN_VL_ARCHS = ("qwen2-vl", "qwen2.5-vl")
 
 # Bump when the output of build_tiny_model changes: it names the cache folder.
 TINY_MODEL_VERSION = "v1"
@@ -279,7 +283,7 @@ def _build_tokenizer(arch: str):
     tok.add_special_tokens([special(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
     if arch == "llava-siglip-qwen2":
         media_tokens = {"image_token": "<image>"}
-    elif arch == "qwen2-vl":  # Qwen2-VL's order: vision_start, vision_end, ..., image_pad, video_pad
+    elif arch in QWEN_VL_ARCHS:  # Qwen2-VL's order: vision_start, vision_end, ..., image_pad, video_pad
         media_tokens = {"vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
                         "image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
     else:
@@ -413,21 +417,28 @@ def _build_config(arch: str, tokenizer):
             pad_token_id=tokenizer.pad_token_id,
         )
 
-    if arch == "qwen2-vl":
-        from transformers import Qwen2VLConfig, Qwen2VLTextConfig
+    if arch in QWEN_VL_ARCHS:
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLTextConfig, Qwen2VLConfig, Qwen2VLTextConfig
 
+        qwen25 = arch == "qwen2.5-vl"
         text_config = _qwen2_text_config(
-            tokenizer, tie_word_embeddings=False, cls=Qwen2VLTextConfig,
+            tokenizer, tie_word_embeddings=False, cls=Qwen2_5_VLTextConfig if qwen25 else Qwen2VLTextConfig,
             # head_dim 64: 32 rotary frequencies, split temporal / height / width as Qwen2-VL's 16/24/24 of 64
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]})
         ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
             ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
             ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+        common = {"num_heads": 4, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                  "initializer_range": _INIT_STD}
+        if qwen25:  # windows of 112 px = 4x4 merged patches; block 1 attends over the whole image
+            vision = {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "out_hidden_size": text_config.hidden_size,
+                      "window_size": 112, "fullatt_block_indexes": [1], "tokens_per_second": 2, **common}
+            return Qwen2_5_VLConfig(text_config=text_config.to_dict(), vision_config=vision,
+                                    tie_word_embeddings=False, **ids)
         return Qwen2VLConfig(
             text_config=text_config.to_dict(),
-            vision_config={"depth": 2, "embed_dim": 64, "hidden_size": text_config.hidden_size, "num_heads": 4,
-                           "mlp_ratio": 2, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                           "initializer_range": _INIT_STD},
+            vision_config={"depth": 2, "embed_dim": 64, "hidden_size": text_config.hidden_size, "mlp_ratio": 2,
+                           **common},
             tie_word_embeddings=False, **ids)
 
     audio_config = Qwen2AudioEncoderConfig(
@@ -485,8 +496,9 @@ def _build_processor(arch: str, tokenizer):
             image_token="<image>",
             chat_template=_CHATML_IMAGE_TEMPLATE,
         )
-    if arch == "qwen2-vl":
-        from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    if arch in QWEN_VL_ARCHS:
+        from transformers import (Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor,
+                                  Qwen2VLVideoProcessor)
 
         # The torch (torchvision) processors, as the hub's Qwen2-VL folders load. Real image bounds
         # are 56^2 .. 28^2 x 1280 pixels; tiny ones keep tests fast while still resizing both ways
@@ -495,8 +507,9 @@ def _build_processor(arch: str, tokenizer):
         size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 256}
         video = Qwen2VLVideoProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}, fps=2.0,
                                       do_sample_frames=True, cap_pixels_per_frame=False)
-        return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(size=size), tokenizer=tokenizer,
-                                video_processor=video, chat_template=_QWEN2_VL_CHAT_TEMPLATE)
+        cls = Qwen2_5_VLProcessor if arch == "qwen2.5-vl" else Qwen2VLProcessor
+        return cls(image_processor=Qwen2VLImageProcessor(size=size), tokenizer=tokenizer,
+                   video_processor=video, chat_template=_QWEN2_VL_CHAT_TEMPLATE)
     feature_extractor = WhisperFeatureExtractor(
         feature_size=128,
         sampling_rate=16000,
@@ -538,6 +551,7 @@ _HUB_KEY_PREFIXES = {
     # Qwen2-VL: transformers 5 saves the hub names (visual.*, model.* for the LM, lm_head.*); in
     # memory it has model.visual.*, model.language_model.* (tests write that layout too).
     "qwen2_vl": (("visual.", "visual."), ("model.", "model."), ("lm_head.", "lm_head.")),
+    "qwen2_5_vl": (("visual.", "visual."), ("model.", "model."), ("lm_head.", "lm_head.")),
     "qwen2_audio": (
         ("language_model.", "language_model."),
         ("multi_modal_projector.", "multi_modal_projector."),
@@ -562,10 +576,11 @@ def _build_model(config, seed: int, *, never_generated_ids: list[int]):
         LlavaForConditionalGeneration,
         Qwen2AudioForConditionalGeneration,
         Qwen2VLForConditionalGeneration,
+        Qwen2_5_VLForConditionalGeneration,
     )
 
-    cls = {"qwen2_audio": Qwen2AudioForConditionalGeneration,
-           "qwen2_vl": Qwen2VLForConditionalGeneration}.get(config.model_type, LlavaForConditionalGeneration)
+    cls = {"qwen2_audio": Qwen2AudioForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration,
+           "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}.get(config.model_type, LlavaForConditionalGeneration)
     torch.manual_seed(seed)
     model = cls(config).eval()
     # Logits = lm_head(norm(h)): the final RMSNorm output has RMS ~ its gain, so std(logit) ~

@@ -49,7 +49,7 @@ def _qwen_vl_media(seed: int, kind: str, spec) -> MediaInput:
 
 def prompt_cases(arch: str) -> dict[str, tuple[str, list[MediaInput]]]:
     """name -> (prompt with placeholders, media items) for an architecture."""
-    if arch == "qwen2-vl":
+    if arch in ("qwen2-vl", "qwen2.5-vl"):
         return {name: (p, [_qwen_vl_media(i + 1, kind, spec) for i, (kind, spec) in enumerate(items)])
                 for name, (p, items) in QWEN_VL_PROMPTS.items()}
     if arch == "qwen2-audio":
@@ -64,12 +64,14 @@ class HFReference:
 
     def __init__(self, path):
         from transformers import (AutoConfig, AutoProcessor, LlavaForConditionalGeneration,
-                                  Qwen2AudioForConditionalGeneration, Qwen2VLForConditionalGeneration)
+                                  Qwen2_5_VLForConditionalGeneration, Qwen2AudioForConditionalGeneration,
+                                  Qwen2VLForConditionalGeneration)
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.processor = AutoProcessor.from_pretrained(path)
-        cls = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_audio": Qwen2AudioForConditionalGeneration}.get(
+        cls = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+               "qwen2_audio": Qwen2AudioForConditionalGeneration}.get(
             AutoConfig.from_pretrained(path).model_type, LlavaForConditionalGeneration)
         self.model = cls.from_pretrained(path, dtype=torch.float32).eval()
 

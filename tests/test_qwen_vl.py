@@ -1,4 +1,4 @@
-"""Qwen2-VL: dynamic-resolution token plans, M-RoPE positions, weight layouts, and parity with
+"""Qwen2-VL and Qwen2.5-VL: dynamic-resolution token plans, M-RoPE positions, weight layouts, and parity with
 transformers under chunked prefill and prefix caching (plain parity: test_engine_parity.py;
 through the disaggregated cluster, where only the position delta reaches decode:
 test_cluster_e2e.py)."""
@@ -21,9 +21,9 @@ from models.processor import MediaInput
 from tests.reference import HFReference, prompt_cases
 
 
-@pytest.fixture(scope="module")
-def qwen_vl(tiny_models):
-    path = tiny_models["qwen2-vl"]
+@pytest.fixture(scope="module", params=("qwen2-vl", "qwen2.5-vl"))
+def qwen_vl(request, tiny_models):
+    path = tiny_models[request.param]
     return path, HFReference(path)
 
 
@@ -55,17 +55,20 @@ def test_positions_equal_transformers_rope_index(qwen_vl):
         image_grids = iter(inputs.get("image_grid_thw", []))
         video_grids = iter(inputs.get("video_grid_thw", []))
         grids = [tuple(int(x) for x in next(image_grids if m.modality == "image" else video_grids)) for m in media]
-        ours, delta = mrope_positions(spec, ids[0].tolist(), grids)
+        seconds = iter(inputs.get("second_per_grid_ts", []))  # Qwen2.5-VL: seconds per temporal patch
+        per_item = [float(next(seconds)) if m.modality == "video" and spec.tokens_per_second else None for m in media]
+        ours, delta = mrope_positions(spec, ids[0].tolist(), grids, per_item)
         if media:
+            extra = {"second_per_grid_ts": inputs["second_per_grid_ts"]} if "second_per_grid_ts" in inputs else {}
             want, want_delta = ref.model.model.get_rope_index(
                 ids, inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
-                video_grid_thw=inputs.get("video_grid_thw"))
+                video_grid_thw=inputs.get("video_grid_thw"), **extra)
             assert torch.equal(ours, want[:, 0]), name
             assert delta == int(want_delta) < 0, name  # media take fewer positions than tokens
         else:
             assert torch.equal(ours, torch.arange(ids.shape[1]).expand(3, -1)) and delta == 0
     # after the prompt, every token sits at index + delta on all three axes
-    positions, delta = mrope_positions(spec, ids[0].tolist(), grids)
+    positions, delta = mrope_positions(spec, ids[0].tolist(), grids, per_item)
     n = positions.shape[1]
     tail = step_positions(positions, delta, n - 2, n + 3)
     assert torch.equal(tail[:, :2], positions[:, -2:])
