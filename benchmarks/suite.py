@@ -13,7 +13,8 @@ Comparisons (``COMPARISONS``; each returns the dict ``benchmarks.report`` render
 * ``scaling``: TTFT against image tokens per request (linear fit), throughput against decode
   workers where the machine has the cores.
 * ``peer_client``: vLLM's own load generator (``vllm bench serve``) against disaggregated,
-  colocated and vLLM, text and image loads (``benchmarks.peer_client``).
+  colocated and vLLM, text and image loads (``benchmarks.peer_client``); ``peer_client_qwen_vl``:
+  the same client on the tiny Qwen2-VL with images of mixed sizes.
 
 Fairness: every server is a separate process on known cores (``CoreLayout``); this process (the
 load generator) pins itself to the client cores; server-side histograms (``/metrics``) are
@@ -33,7 +34,7 @@ from typing import Any
 
 from benchmarks.harness import (GOODPUT_SERVERS, Suite, comparison, distortion_notes, note_skipped, ratio_of,
                                 settle, to_ms)
-from benchmarks.peer_client import peer_client
+from benchmarks.peer_client import peer_client, peer_client_qwen_vl
 
 
 # -- (a) isolation ----------------------------------------------------------------------------------------
@@ -413,7 +414,8 @@ async def scaling(suite: Suite) -> dict[str, Any]:
 
 
 COMPARISONS = {"isolation": isolation, "goodput": goodput, "kv_transfer": kv_transfer,
-               "encoder_cache": encoder_cache, "scaling": scaling, "peer_client": peer_client}
+               "encoder_cache": encoder_cache, "scaling": scaling, "peer_client": peer_client,
+               "peer_client_qwen_vl": peer_client_qwen_vl}
 
 
 async def run_all(suite: Suite, names: list[str]) -> list[dict[str, Any]]:

@@ -58,7 +58,7 @@ ARCHS = ("llava-clip-llama", "llava-siglip-qwen2", "qwen2-vl", "qwen2.5-vl", "qw
 QWEN_VL_ARCHS = ("qwen2-vl", "qwen2.5-vl")
 
 # Bump when the output of build_tiny_model changes: it names the cache folder.
-TINY_MODEL_VERSION = "v1"
+TINY_MODEL_VERSION = "v2"
 
 # Language-model sizes (`build_tiny_model(size=...)`): "tiny" for tests; "100m" for engine
 # benchmarks, where a step must move enough weight bytes to be bound by memory bandwidth, as a
@@ -503,10 +503,11 @@ def _build_processor(arch: str, tokenizer):
         # The torch (torchvision) processors, as the hub's Qwen2-VL folders load. Real image bounds
         # are 56^2 .. 28^2 x 1280 pixels; tiny ones keep tests fast while still resizing both ways
         # (a 224x224 image is 64 tokens, the cap 256); video frames at most 28^2 x 64 pixels,
-        # sampled at 2 fps (the fps qwen-vl-utils and vLLM use).
+        # sampled at 2 fps (the fps qwen-vl-utils and vLLM use). do_sample_frames stays off, as in the
+        # hub's folders: callers (Tessera, vLLM) sample the frames they pass.
         size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 256}
         video = Qwen2VLVideoProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}, fps=2.0,
-                                      do_sample_frames=True, cap_pixels_per_frame=False)
+                                      cap_pixels_per_frame=False)
         cls = Qwen2_5_VLProcessor if arch == "qwen2.5-vl" else Qwen2VLProcessor
         return cls(image_processor=Qwen2VLImageProcessor(size=size), tokenizer=tokenizer,
                    video_processor=video, chat_template=_QWEN2_VL_CHAT_TEMPLATE)

@@ -84,9 +84,11 @@ class HFReference:
         audio = [sf.read(io.BytesIO(m.data), dtype="float32")[0] for m in media if m.modality == "audio"]
         if images:
             kwargs["images"] = images
-        if videos:
+        if videos:  # sampled by the processor itself, at the rate Tessera samples (its fps, else 2)
             kwargs["videos"] = [frames for frames, _ in videos]
             kwargs["video_metadata"] = [meta for _, meta in videos]
+            kwargs["do_sample_frames"] = True
+            kwargs["fps"] = self.processor.video_processor.fps or 2.0
         if audio:
             kwargs["audio"], kwargs["sampling_rate"] = audio, 16000
         return self.processor(text=prompt, return_tensors="pt", **kwargs)

@@ -38,7 +38,8 @@ def test_frames_and_pixels_equal_the_video_processor(qwen_vl, kind, frames, fps,
     media = MediaInput(make_test_video(7, size, frames, fps, kind), f"video/{kind}")
     ours = proc.decode_media(media, MediaLimits())
     all_frames, meta = _load_video(media.data)
-    want = ref.processor.video_processor(videos=[all_frames], video_metadata=[meta], return_tensors="pt")
+    want = ref.processor.video_processor(videos=[all_frames], video_metadata=[meta], do_sample_frames=True,
+                                         fps=proc.video_fps, return_tensors="pt")
     got = proc.preprocess([ours])
     assert ours.grid_thw == tuple(want["video_grid_thw"][0].tolist())
     assert torch.equal(got["pixel_values"], want["pixel_values_videos"])
