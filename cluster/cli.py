@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint of a real architecture")
     p.add_argument("--arch", default="llava-clip-llama",
-                   choices=["llava-clip-llama", "llava-siglip-qwen2", "qwen2-vl", "qwen2.5-vl", "qwen2-audio"])
+                   choices=["llava-clip-llama", "llava-siglip-qwen2", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen2-audio"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("out", type=Path)
     p.set_defaults(func=cmd_make_tiny_model)

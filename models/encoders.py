@@ -53,7 +53,7 @@ class VisionEncoder(nn.Module):
 
 
 class QwenVLVisionEncoder(nn.Module):
-    """Qwen2-VL / Qwen2.5-VL vision path: a ViT over the flattened patches of every image of the batch at once
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision path: a ViT over the flattened patches of every image of the batch at once
     (each image attends within itself: cumulative lengths from ``grid_thw``), then the 2x2 patch
     merger into the LM's hidden size — the reference ``get_image_features`` and
     ``get_video_features`` (one tower for both)."""
@@ -64,9 +64,11 @@ class QwenVLVisionEncoder(nn.Module):
         super().__init__()
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
         from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
         towers = {"qwen2_vl_vision": Qwen2VisionTransformerPretrainedModel,  # full attention, LayerNorm, GELU
-                  "qwen2_5_vl_vision": Qwen2_5_VisionTransformerPretrainedModel}  # + windows, RMSNorm, SwiGLU
+                  "qwen2_5_vl_vision": Qwen2_5_VisionTransformerPretrainedModel,  # + windows, RMSNorm, SwiGLU
+                  "qwen3_vl_vision": Qwen3VLVisionModel}  # + interpolated position table, DeepStack mergers
         tower = towers.get(config.vision_config.model_type)
         if tower is None:
             raise ValueError(f"unsupported Qwen-VL vision tower {config.vision_config.model_type!r}")
@@ -80,7 +82,13 @@ class QwenVLVisionEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
         # pixel_values: [sum of patches, C * temporal_patch * patch^2]; grid_thw: [N, 3]
         # -> N x [t * h * w / merge^2, lm_hidden]; images and videos alike (a video: t > 1)
-        merged = self.visual(pixel_values.to(self.dtype), grid_thw=grid_thw).pooler_output
+        out = self.visual(pixel_values.to(self.dtype), grid_thw=grid_thw)
+        merged = out.pooler_output
+        # Qwen3-VL: DeepStack features of some tower layers ride along, concatenated after the
+        # embedding ([tokens, (1 + k) * lm_hidden]): one tensor per item through every hand-off
+        stacked = getattr(out, "deepstack_features", None)
+        if stacked:
+            merged = torch.cat([merged, *stacked], dim=-1)
         return list(merged.split((grid_thw.prod(-1) // self.spatial_merge_size ** 2).tolist()))
 
 

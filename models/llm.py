@@ -24,7 +24,9 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from models.attention_backend import StepAttention
 
-SUPPORTED_TEXT_MODEL_TYPES = ("llama", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text")
+SUPPORTED_TEXT_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
+_QK_NORM_TYPES = ("qwen3", "qwen3_vl_text")  # Qwen3: RMSNorm over each head's q and k before RoPE
+_INTERLEAVED_MROPE_TYPES = ("qwen3_vl_text",)  # always interleaved, mrope_section defaulting to [24, 20, 20]
 _QKV_BIAS_TYPES = ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text")  # Qwen2 (and the Qwen2-VL LM): q/k/v bias, none on o_proj
 
 
@@ -55,12 +57,15 @@ class RotaryEmbedding(nn.Module):
         # (temporal, height, width sections in order); positions then come as [3, T].
         params = getattr(config, "rope_parameters", None) or {}
         section = params.get("mrope_section")
-        if section is not None and params.get("mrope_interleaved"):
-            raise ValueError("interleaved M-RoPE (Qwen3-VL) is not supported yet")
+        interleaved = config.model_type in _INTERLEAVED_MROPE_TYPES
+        if interleaved:
+            section = section or [24, 20, 20]
+        elif section is not None and params.get("mrope_interleaved"):
+            raise ValueError(f"interleaved M-RoPE is implemented for {', '.join(_INTERLEAVED_MROPE_TYPES)} only, "
+                             f"not {config.model_type!r}")
         if section is not None and sum(section) != self.inv_freq.numel():
             raise ValueError(f"mrope_section {section} does not cover the {self.inv_freq.numel()} rotary frequencies")
-        self.mrope_axis = (None if section is None else torch.tensor(  # (a real tensor under the meta device too)
-            [i % 3 for i, n in enumerate(section) for _ in range(n)], dtype=torch.int64, device="cpu"))
+        self.mrope_axis = None if section is None else _mrope_axes(section, interleaved)
 
     @staticmethod
     def _init_inv_freq(config) -> tuple[torch.Tensor, float]:
@@ -99,6 +104,21 @@ class RotaryEmbedding(nn.Module):
         return cos[:, None, :], sin[:, None, :]
 
 
+def _mrope_axes(section: list[int], interleaved: bool) -> torch.Tensor:
+    """Axis (0 temporal, 1 height, 2 width) whose position rotates each frequency: contiguous
+    sections (Qwen2-VL, Qwen2.5-VL), or interleaved t, h, w, t, h, w, ... over the first
+    ``3 * section[1|2]`` frequencies with the rest temporal (Qwen3-VL). A real CPU tensor even when
+    the model is built on the meta device."""
+    if not interleaved:
+        axes = [i % 3 for i, n in enumerate(section) for _ in range(n)]
+    else:
+        axes = [0] * sum(section)
+        for axis in (1, 2):
+            for j in range(axis, section[axis] * 3, 3):
+                axes[j] = axis
+    return torch.tensor(axes, dtype=torch.int64, device="cpu")
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -119,6 +139,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden,
                                 bias=getattr(config, "attention_bias", False) and config.model_type not in _QKV_BIAS_TYPES)
         self.qkv_proj: nn.Linear | None = None  # q, k, v in one, once fuse() ran
+        self.q_norm = self.k_norm = None
+        if config.model_type in _QK_NORM_TYPES:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def fuse(self) -> None:
         self.qkv_proj = _fused_linear(self.q_proj, self.k_proj, self.v_proj)
@@ -131,6 +155,8 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         out = meta.attend(q, k, v, layer_cache)  # [T, H, D]
@@ -241,11 +267,18 @@ class CausalLM(nn.Module):
         meta: StepAttention,
         kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, Hkv, D]
         positions: torch.Tensor | None = None,  # [3, T] M-RoPE positions; None: meta.positions
+        deepstack: tuple[torch.Tensor, torch.Tensor] | None = None,  # (rows [M], [M, k * hidden])
     ) -> torch.Tensor:  # [T, hidden], after the final norm
         x = inputs_embeds
         cos, sin = self.model.rotary_emb(meta.positions if positions is None else positions, x.dtype)
+        hidden = x.shape[-1]
+        num_stacked = 0 if deepstack is None else deepstack[1].shape[-1] // hidden
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, kv_cache[i], meta)
+            if i < num_stacked:  # DeepStack (Qwen3-VL): tower layer i's features join after LM layer i
+                rows = deepstack[0]
+                x = x.clone()
+                x[rows] = x[rows] + deepstack[1][:, i * hidden:(i + 1) * hidden]
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -26,13 +26,15 @@ ARCHITECTURES: dict[str, str | None] = {
     "LlavaForConditionalGeneration": "image",
     "Qwen2VLForConditionalGeneration": "image",
     "Qwen2_5_VLForConditionalGeneration": "image",
+    "Qwen3VLForConditionalGeneration": "image",
     "Qwen2AudioForConditionalGeneration": "audio",
     "LlamaForCausalLM": None,
     "Qwen2ForCausalLM": None,
 }
 
 # Dynamic resolution and M-RoPE positions (models/mrope.py)
-QWEN_VL_ARCHITECTURES = frozenset({"Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"})
+QWEN_VL_ARCHITECTURES = frozenset({"Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                                   "Qwen3VLForConditionalGeneration"})
 
 ALL_PARTS = frozenset({"language_model", "encoders"})
 

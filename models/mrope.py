@@ -30,8 +30,9 @@ class MRopeSpec:
     @classmethod
     def from_config(cls, config) -> "MRopeSpec | None":
         """The model's spec, or None when its language model does not use M-RoPE."""
-        params = getattr(config.get_text_config(), "rope_parameters", None) or {}
-        if "mrope_section" not in params:
+        text = config.get_text_config()
+        params = getattr(text, "rope_parameters", None) or {}
+        if "mrope_section" not in params and text.model_type != "qwen3_vl_text":  # (Qwen3-VL: always)
             return None
         return cls(config.image_token_id, getattr(config, "video_token_id", None),
                    config.vision_config.spatial_merge_size, getattr(config.vision_config, "tokens_per_second", None))

@@ -92,6 +92,8 @@ MODALITIES = ("image", "video", "audio")
 _ARCH_MODALITIES = {"LlavaForConditionalGeneration": ("image",),
                     "Qwen2VLForConditionalGeneration": ("image", "video"),
                     "Qwen2_5_VLForConditionalGeneration": ("image", "video"),
+                    # video not yet: its frames are separated by timestamp text (one item, several runs)
+                    "Qwen3VLForConditionalGeneration": ("image",),
                     "Qwen2AudioForConditionalGeneration": ("audio",)}
 
 

@@ -25,6 +25,9 @@ Architectures (`ARCHS`):
 - ``qwen2.5-vl``         Qwen2.5-VL: the same shape with its tower (RMSNorm, SwiGLU, window
                          attention over 4x4 merged patches, full attention in block 1) and
                          time-aligned M-RoPE for video (2 position ids per second).
+- ``qwen3-vl``           Qwen3-VL: 16 px patches, interpolated position table, DeepStack (tower
+                         blocks 0 and 1 feed LM layers 0 and 1) -> Qwen3 LM (q/k RMSNorm, no qkv
+                         bias) with interleaved M-RoPE ([12, 10, 10] of 32 frequencies).
 - ``qwen2-audio``        Qwen2-Audio: Whisper-style encoder (128 mel bins, 30 s window) -> linear
                          projector -> Qwen2 LM (untied, as Qwen2-Audio-7B). One audio token per
                          40 ms of audio: ((frames - 1) // 2 + 1 - 2) // 2 + 1 with frames = 100/s.
@@ -54,8 +57,8 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
 from tokenizers import models as bpe_models
 
-ARCHS = ("llava-clip-llama", "llava-siglip-qwen2", "qwen2-vl", "qwen2.5-vl", "qwen2-audio")
-QWEN_VL_ARCHS = ("qwen2-vl", "qwen2.5-vl")
+ARCHS = ("llava-clip-llama", "llava-siglip-qwen2", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen2-audio")
+QWEN_VL_ARCHS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 
 # Bump when the output of build_tiny_model changes: it names the cache folder.
 TINY_MODEL_VERSION = "v2"
@@ -71,6 +74,7 @@ TEXT_SIZES: dict[str, dict] = {
 
 _BPE_VOCAB_SIZE = 1536  # cap incl. 256 byte tokens; the corpus runs out first, at ~1.1k
 _INIT_STD = 0.15  # transformers' default 0.02 gives near-flat logits and loops at hidden 256
+_QK_NORM_GAIN = 2.5
 _FINAL_NORM_GAIN = 3.0  # spreads the logits apart: fewer greedy near-ties
 _NEVER_GENERATED_ROW_SCALE = 0.01  # LM-head rows of specials / vocab padding: logits ~0
 
@@ -417,6 +421,22 @@ def _build_config(arch: str, tokenizer):
             pad_token_id=tokenizer.pad_token_id,
         )
 
+    if arch == "qwen3-vl":
+        from transformers import Qwen3VLConfig, Qwen3VLTextConfig
+
+        text_config = _qwen2_text_config(
+            tokenizer, tie_word_embeddings=False, cls=Qwen3VLTextConfig, head_dim=64, attention_bias=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [12, 10, 10],
+                             "mrope_interleaved": True})
+        ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+        vision = {"depth": 3, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
+                  "out_hidden_size": text_config.hidden_size, "patch_size": 16, "spatial_merge_size": 2,
+                  "temporal_patch_size": 2, "num_position_embeddings": 64, "deepstack_visual_indexes": [0, 1],
+                  "initializer_range": _INIT_STD}
+        return Qwen3VLConfig(text_config=text_config.to_dict(), vision_config=vision, tie_word_embeddings=False,
+                             **ids)
     if arch in QWEN_VL_ARCHS:
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLTextConfig, Qwen2VLConfig, Qwen2VLTextConfig
 
@@ -508,6 +528,16 @@ def _build_processor(arch: str, tokenizer):
         size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 256}
         video = Qwen2VLVideoProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}, fps=2.0,
                                       cap_pixels_per_frame=False)
+        if arch == "qwen3-vl":  # 16 px patches (32 px per token), mean/std 0.5, as the hub's folders
+            from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+            half = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "patch_size": 16}
+            return Qwen3VLProcessor(
+                image_processor=Qwen2VLImageProcessor(size={"shortest_edge": 64 * 64, "longest_edge": 32 * 32 * 256},
+                                                      **half),
+                video_processor=Qwen3VLVideoProcessor(size={"shortest_edge": 64 * 64, "longest_edge": 32 * 32 * 64},
+                                                      **half),
+                tokenizer=tokenizer, chat_template=_QWEN2_VL_CHAT_TEMPLATE)
         cls = Qwen2_5_VLProcessor if arch == "qwen2.5-vl" else Qwen2VLProcessor
         return cls(image_processor=Qwen2VLImageProcessor(size=size), tokenizer=tokenizer,
                    video_processor=video, chat_template=_QWEN2_VL_CHAT_TEMPLATE)
@@ -553,6 +583,8 @@ _HUB_KEY_PREFIXES = {
     # memory it has model.visual.*, model.language_model.* (tests write that layout too).
     "qwen2_vl": (("visual.", "visual."), ("model.", "model."), ("lm_head.", "lm_head.")),
     "qwen2_5_vl": (("visual.", "visual."), ("model.", "model."), ("lm_head.", "lm_head.")),
+    "qwen3_vl": (("model.visual.", "model.visual."), ("model.language_model.", "model.language_model."),
+                 ("lm_head.", "lm_head.")),
     "qwen2_audio": (
         ("language_model.", "language_model."),
         ("multi_modal_projector.", "multi_modal_projector."),
@@ -578,10 +610,12 @@ def _build_model(config, seed: int, *, never_generated_ids: list[int]):
         Qwen2AudioForConditionalGeneration,
         Qwen2VLForConditionalGeneration,
         Qwen2_5_VLForConditionalGeneration,
+        Qwen3VLForConditionalGeneration,
     )
 
     cls = {"qwen2_audio": Qwen2AudioForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration,
-           "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}.get(config.model_type, LlavaForConditionalGeneration)
+           "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+           "qwen3_vl": Qwen3VLForConditionalGeneration}.get(config.model_type, LlavaForConditionalGeneration)
     torch.manual_seed(seed)
     model = cls(config).eval()
     # Logits = lm_head(norm(h)): the final RMSNorm output has RMS ~ its gain, so std(logit) ~
@@ -592,6 +626,12 @@ def _build_model(config, seed: int, *, never_generated_ids: list[int]):
     # same scale as its layers' outputs (a dominant embedding makes greedy decoding loop).
     with torch.no_grad():
         model.get_decoder().norm.weight.fill_(_FINAL_NORM_GAIN)
+        # Qwen3: q and k are RMS-normalised per head, so with unit gains every attention logit is
+        # ~N(0, 1) and the random model attends almost uniformly (greedy output loops on two
+        # tokens); a wider gain gives it the sharp attention the other families get from their init.
+        for name, param in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")) and "visual" not in name:
+                param.fill_(_QK_NORM_GAIN)
         lm_head = model.get_output_embeddings().weight  # [vocab_size, hidden]
         # Special, media and vocab-padding tokens: shrink their rows so their logits are ~0 and
         # greedy decoding never emits them (generation always runs to max_new_tokens, output

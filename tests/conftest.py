@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TESSERA_FAULT_INJECTION", "1")  # lets tests arm cluster.faults in the workers (Ray
 # workers inherit it); the engine fixtures of other tests never arm anything
 
-ARCHS = ("llava-clip-llama", "llava-siglip-qwen2", "qwen2-vl", "qwen2.5-vl", "qwen2-audio")
+ARCHS = ("llava-clip-llama", "llava-siglip-qwen2", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen2-audio")
 
 
 @pytest.fixture(scope="session")

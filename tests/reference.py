@@ -49,9 +49,10 @@ def _qwen_vl_media(seed: int, kind: str, spec) -> MediaInput:
 
 def prompt_cases(arch: str) -> dict[str, tuple[str, list[MediaInput]]]:
     """name -> (prompt with placeholders, media items) for an architecture."""
-    if arch in ("qwen2-vl", "qwen2.5-vl"):
+    if arch in ("qwen2-vl", "qwen2.5-vl", "qwen3-vl"):
+        video = arch != "qwen3-vl"  # Qwen3-VL video is not served yet (timestamped frames)
         return {name: (p, [_qwen_vl_media(i + 1, kind, spec) for i, (kind, spec) in enumerate(items)])
-                for name, (p, items) in QWEN_VL_PROMPTS.items()}
+                for name, (p, items) in QWEN_VL_PROMPTS.items() if video or all(k == "image" for k, _ in items)}
     if arch == "qwen2-audio":
         return {name: (p, [MediaInput(make_test_audio(i + 1, 1.0 + i), "audio/wav") for i in range(n)])
                 for name, (p, n) in AUDIO_PROMPTS.items()}
@@ -65,13 +66,13 @@ class HFReference:
     def __init__(self, path):
         from transformers import (AutoConfig, AutoProcessor, LlavaForConditionalGeneration,
                                   Qwen2_5_VLForConditionalGeneration, Qwen2AudioForConditionalGeneration,
-                                  Qwen2VLForConditionalGeneration)
+                                  Qwen2VLForConditionalGeneration, Qwen3VLForConditionalGeneration)
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.processor = AutoProcessor.from_pretrained(path)
         cls = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
-               "qwen2_audio": Qwen2AudioForConditionalGeneration}.get(
+               "qwen3_vl": Qwen3VLForConditionalGeneration, "qwen2_audio": Qwen2AudioForConditionalGeneration}.get(
             AutoConfig.from_pretrained(path).model_type, LlavaForConditionalGeneration)
         self.model = cls.from_pretrained(path, dtype=torch.float32).eval()
 

@@ -30,7 +30,7 @@ from tests.reference import prompt_cases
 pytestmark = pytest.mark.slow
 
 # llava-clip-llama last: the tests after the parity ones reuse its cluster.
-PARITY_ORDER = ("llava-siglip-qwen2", "qwen2-vl", "qwen2.5-vl", "qwen2-audio", "llava-clip-llama")
+PARITY_ORDER = ("llava-siglip-qwen2", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen2-audio", "llava-clip-llama")
 
 
 # -- parity ------------------------------------------------------------------------------------

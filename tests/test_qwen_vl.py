@@ -21,10 +21,14 @@ from models.processor import MediaInput
 from tests.reference import HFReference, prompt_cases
 
 
-@pytest.fixture(scope="module", params=("qwen2-vl", "qwen2.5-vl"))
+@pytest.fixture(scope="module", params=("qwen2-vl", "qwen2.5-vl", "qwen3-vl"))
 def qwen_vl(request, tiny_models):
     path = tiny_models[request.param]
     return path, HFReference(path)
+
+
+def request_arch(ref) -> str:
+    return {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}[ref.model.config.model_type]
 
 
 def test_plan_token_counts_follow_the_image_size(qwen_vl):
@@ -42,14 +46,14 @@ def test_plan_token_counts_follow_the_image_size(qwen_vl):
     assert plan.media_lengths == (grids.prod(-1) // 4).tolist()
     assert len(set(plan.media_lengths)) >= 4  # dynamic: not one fixed count
     ip = ref.processor.image_processor
-    assert min(plan.media_lengths) * 4 * 14 * 14 >= ip.size["shortest_edge"]
-    assert max(plan.media_lengths) * 4 * 14 * 14 <= ip.size["longest_edge"]
+    assert min(plan.media_lengths) * 4 * ip.patch_size ** 2 >= ip.size["shortest_edge"]
+    assert max(plan.media_lengths) * 4 * ip.patch_size ** 2 <= ip.size["longest_edge"]
 
 
 def test_positions_equal_transformers_rope_index(qwen_vl):
     path, ref = qwen_vl
     spec = MRopeSpec.from_config(ref.model.config)
-    for name, (prompt, media) in prompt_cases("qwen2-vl").items():
+    for name, (prompt, media) in prompt_cases(request_arch(ref)).items():
         inputs = ref.inputs(prompt, media)
         ids = inputs["input_ids"]
         image_grids = iter(inputs.get("image_grid_thw", []))
@@ -81,7 +85,7 @@ def test_chunked_prefill_and_prefix_cache_keep_parity(qwen_vl):
     path, ref = qwen_vl
     engine = ColocatedEngine(EngineConfig(model=str(path), max_num_batched_tokens=32, enable_prefix_caching=True))
     greedy = SamplingParams(max_tokens=12, ignore_eos=True)
-    for name, (prompt, media) in prompt_cases("qwen2-vl").items():
+    for name, (prompt, media) in prompt_cases(request_arch(ref)).items():
         want = ref.greedy(prompt, media, 12)
         first = engine.generate([(prompt, media, greedy)])[0]
         again = engine.generate([(prompt, media, greedy)])[0]
@@ -93,6 +97,9 @@ def test_chunked_prefill_and_prefix_cache_keep_parity(qwen_vl):
 def test_loads_the_transformers_5_weight_layout(qwen_vl, tmp_path):
     """The hub's names (visual.*, model.*) as saved, and transformers 5's in-memory names
     (model.visual.*, model.language_model.*): the same weights either way."""
+    path, ref = qwen_vl
+    if ref.model.config.model_type == "qwen3_vl":
+        pytest.skip("Qwen3-VL has one layout: its hub checkpoints are saved as transformers 5 names them")
     path, _ = qwen_vl
     for f in path.iterdir():
         if f.suffix != ".safetensors":
@@ -110,7 +117,9 @@ def test_loads_the_transformers_5_weight_layout(qwen_vl, tmp_path):
 
 def test_refuses_interleaved_mrope(qwen_vl, tmp_path):
     """A rotary layout this code does not implement is refused, never served approximately."""
-    path, _ = qwen_vl
+    path, ref = qwen_vl
+    if ref.model.config.model_type == "qwen3_vl":
+        pytest.skip("Qwen3-VL's M-RoPE is interleaved: it is implemented")
     for f in path.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
     config = json.loads((tmp_path / "config.json").read_text())

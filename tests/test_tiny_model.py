@@ -19,8 +19,9 @@ transformers = pytest.importorskip("transformers")
 
 # Placeholder expansion per media item, as the processor computes it.
 # LLaVA: (224 / 14)^2; Qwen2-VL, a 256x192 image: smart resize to 252x196, 18 x 14 patches, 2x2 merged
-NUM_IMAGE_TOKENS = {"llava-clip-llama": 256, "llava-siglip-qwen2": 256, "qwen2-vl": 63, "qwen2.5-vl": 63}
-QWEN_VL = ("qwen2-vl", "qwen2.5-vl")
+NUM_IMAGE_TOKENS = {"llava-clip-llama": 256, "llava-siglip-qwen2": 256, "qwen2-vl": 63, "qwen2.5-vl": 63,
+                    "qwen3-vl": 48}
+QWEN_VL = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 
 
 def num_audio_tokens(num_samples: int, hop_length: int = 160) -> int:
@@ -36,6 +37,8 @@ def model_class(arch: str):
         return transformers.Qwen2VLForConditionalGeneration
     if arch == "qwen2.5-vl":
         return transformers.Qwen2_5_VLForConditionalGeneration
+    if arch == "qwen3-vl":
+        return transformers.Qwen3VLForConditionalGeneration
     return transformers.LlavaForConditionalGeneration
 
 
@@ -117,6 +120,10 @@ EXPECTED_PROMPTS = {
         "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is it?<|im_end|>\n<|im_start|>assistant\n"
     ),
     "qwen2.5-vl": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is it?<|im_end|>\n<|im_start|>assistant\n"
+    ),
+    "qwen3-vl": (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is it?<|im_end|>\n<|im_start|>assistant\n"
     ),
@@ -217,7 +224,8 @@ def test_sharded_and_hub_layouts_load_identical_weights(built, tmp_path):
     hub = build_tiny_model(arch, tmp_path / "hub", hub_layout=True, max_shard_size="4MB")
     hub_prefixes = {key.split(".")[0] for key in saved_keys(hub)}
     if arch in QWEN_VL:  # the hub's Qwen2-VL / Qwen2.5-VL names are what transformers 5 saves
-        assert hub_prefixes == {"model", "visual", "lm_head"} and saved_keys(hub) == saved_keys(folder)
+        want = {"model", "lm_head"} if arch == "qwen3-vl" else {"model", "visual", "lm_head"}  # Qwen3: model.visual.*
+        assert hub_prefixes == want and saved_keys(hub) == saved_keys(folder)
     tower = "audio_tower" if arch == "qwen2-audio" else "vision_tower" if arch not in QWEN_VL else None
     if tower is not None:
         assert hub_prefixes == {"language_model", "multi_modal_projector", tower}

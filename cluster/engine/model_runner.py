@@ -42,15 +42,19 @@ class ModelRunner:
         ends = [s + n for s, n in zip(starts, batch.num_new_tokens)]
         token_ids = [t for r, s, e in zip(batch.requests, starts, ends) for t in r.token_ids(s, e)]
         embeds = self.lm.embed(torch.tensor(token_ids, dtype=torch.int64, device=self.device))
-        row = 0
+        row, stacked = 0, []
         for req, s, e in zip(batch.requests, starts, ends):
-            self._splice_media(embeds[row: row + e - s], req, s, e)
+            stacked += self._splice_media(embeds[row: row + e - s], req, s, e, row)
             row += e - s
+        deepstack = None
+        if stacked:  # Qwen3-VL: (rows, [rows, layers * hidden]) added after the first layers
+            deepstack = (torch.cat([torch.arange(r0, r0 + len(x)) for r0, x in stacked]).to(self.device),
+                         torch.cat([x for _, x in stacked]).to(self.device, embeds.dtype))
 
         meta = self.attention.build(batch.num_new_tokens, ends, [r.block_ids for r in batch.requests],
                                     self.spec.block_size)
         positions = self._mrope_positions(batch.requests, starts, ends) if self.lm.is_mrope else None
-        hidden = self.lm(embeds, meta, self.kv_cache, positions)  # [T, hidden]
+        hidden = self.lm(embeds, meta, self.kv_cache, positions, deepstack)  # [T, hidden]
 
         # Sample only for requests whose step covered all their tokens.
         last_rows, samplers, sampled_idx = [], [], []
@@ -77,9 +81,17 @@ class ModelRunner:
         return torch.cat(parts, dim=1).to(self.device)
 
     @staticmethod
-    def _splice_media(embeds: torch.Tensor, req: Request, start: int, end: int) -> None:
-        """Overwrite placeholder rows of positions [start, end) with the media embeddings."""
+    def _splice_media(embeds: torch.Tensor, req: Request, start: int, end: int,
+                      row0: int) -> list[tuple[int, torch.Tensor]]:
+        """Overwrite placeholder rows of positions [start, end) with the media embeddings; returns
+        (batch row, the extra columns) of items wider than the LM (Qwen3-VL's DeepStack features,
+        concatenated after the embedding by the encoder)."""
+        hidden, extra = embeds.shape[-1], []
         for slot in req.media:
             lo, hi = max(start, slot.offset), min(end, slot.offset + slot.length)
             if lo < hi:
-                embeds[lo - start: hi - start] = slot.embeddings[lo - slot.offset: hi - slot.offset].to(embeds.dtype)
+                rows = slot.embeddings[lo - slot.offset: hi - slot.offset]
+                embeds[lo - start: hi - start] = rows[:, :hidden].to(embeds.dtype)
+                if rows.shape[-1] > hidden:
+                    extra.append((row0 + lo - start, rows[:, hidden:]))
+        return extra
