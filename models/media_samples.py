@@ -67,21 +67,35 @@ def make_test_video(seed: int, size: tuple[int, int] = (112, 84), num_frames: in
     """Encoded bytes of a `num_frames`-frame video at `fps` (`kind`: mp4 = H.264, webm = VP9,
     mkv = H.264 in Matroska; `codec` overrides the encoder): a gradient scene whose rectangles
     move from frame to frame, so frame sampling changes what the model sees."""
-    import av
     from PIL import Image
 
-    fmt, encoder = VIDEO_FORMATS[kind]
-    width, height = size
     base = np.asarray(Image.open(io.BytesIO(make_test_image(seed, size))).convert("RGB"))
+    frames = [np.roll(base, shift=(3 * i, 5 * i), axis=(0, 1)) for i in range(num_frames)]
+    return encode_video(frames, fps, kind, codec)
+
+
+def encode_video(frames, fps: int, kind: str = "mp4", codec: str | None = None,
+                 pts: list[int] | None = None) -> bytes:
+    """Encoded bytes of RGB ``frames`` ([H, W, 3] uint8 each) at ``fps`` (``kind`` and ``codec``
+    as ``make_test_video``); ``pts``: each frame's timestamp in 1/fps units (default 0, 1, 2, ...),
+    so a file can claim any duration. Deterministic: the same arguments give the same bytes."""
+    import fractions
+
+    import av
+
+    fmt, encoder = VIDEO_FORMATS[kind]
+    height, width = frames[0].shape[:2]
     buf = io.BytesIO()
     # bitexact: no muxer UIDs or dates, so the same arguments give the same bytes
     with av.open(buf, mode="w", format=fmt, options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream(codec or encoder, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.options = {"threads": "1"}  # single-threaded: the same bytes every run
-        for i in range(num_frames):
-            shifted = np.roll(base, shift=(3 * i, 5 * i), axis=(0, 1))
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(shifted), format="rgb24")):
+        for i, pixels in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+            if pts is not None:
+                frame.pts, frame.time_base = pts[i], fractions.Fraction(1, fps)
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

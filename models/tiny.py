@@ -428,15 +428,12 @@ def _build_config(arch: str, tokenizer):
             tokenizer, tie_word_embeddings=False, cls=Qwen3VLTextConfig, head_dim=64, attention_bias=False,
             rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [12, 10, 10],
                              "mrope_interleaved": True})
-        ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
-            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
         vision = {"depth": 3, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
                   "out_hidden_size": text_config.hidden_size, "patch_size": 16, "spatial_merge_size": 2,
                   "temporal_patch_size": 2, "num_position_embeddings": 64, "deepstack_visual_indexes": [0, 1],
                   "initializer_range": _INIT_STD}
         return Qwen3VLConfig(text_config=text_config.to_dict(), vision_config=vision, tie_word_embeddings=False,
-                             **ids)
+                             **_qwen_vl_token_ids(tokenizer))
     if arch in QWEN_VL_ARCHS:
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLTextConfig, Qwen2VLConfig, Qwen2VLTextConfig
 
@@ -445,9 +442,7 @@ def _build_config(arch: str, tokenizer):
             tokenizer, tie_word_embeddings=False, cls=Qwen2_5_VLTextConfig if qwen25 else Qwen2VLTextConfig,
             # head_dim 64: 32 rotary frequencies, split temporal / height / width as Qwen2-VL's 16/24/24 of 64
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]})
-        ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
-            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+        ids = _qwen_vl_token_ids(tokenizer)
         common = {"num_heads": 4, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
                   "initializer_range": _INIT_STD}
         if qwen25:  # windows of 112 px = 4x4 merged patches; block 1 attends over the whole image
@@ -478,6 +473,13 @@ def _build_config(arch: str, tokenizer):
         audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def _qwen_vl_token_ids(tokenizer) -> dict[str, int]:
+    """The config's media token ids of every Qwen-VL generation (one tokenizer layout)."""
+    return {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
 
 
 def _build_processor(arch: str, tokenizer):
@@ -525,9 +527,6 @@ def _build_processor(arch: str, tokenizer):
         # (a 224x224 image is 64 tokens, the cap 256); video frames at most 28^2 x 64 pixels,
         # sampled at 2 fps (the fps qwen-vl-utils and vLLM use). do_sample_frames stays off, as in the
         # hub's folders: callers (Tessera, vLLM) sample the frames they pass.
-        size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 256}
-        video = Qwen2VLVideoProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}, fps=2.0,
-                                      cap_pixels_per_frame=False)
         if arch == "qwen3-vl":  # 16 px patches (32 px per token), mean/std 0.5, as the hub's folders
             from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
 
@@ -538,6 +537,9 @@ def _build_processor(arch: str, tokenizer):
                 video_processor=Qwen3VLVideoProcessor(size={"shortest_edge": 64 * 64, "longest_edge": 32 * 32 * 64},
                                                       **half),
                 tokenizer=tokenizer, chat_template=_QWEN2_VL_CHAT_TEMPLATE)
+        size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 256}
+        video = Qwen2VLVideoProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}, fps=2.0,
+                                      cap_pixels_per_frame=False)
         cls = Qwen2_5_VLProcessor if arch == "qwen2.5-vl" else Qwen2VLProcessor
         return cls(image_processor=Qwen2VLImageProcessor(size=size), tokenizer=tokenizer,
                    video_processor=video, chat_template=_QWEN2_VL_CHAT_TEMPLATE)
@@ -601,21 +603,23 @@ def to_hub_key(model_type: str, saved_key: str) -> str:
     raise KeyError(f"unexpected saved weight name {saved_key!r} for {model_type}")
 
 
+def reference_model_class(model_type: str):
+    """The transformers class of a checkpoint's ``model_type`` (what builds the tiny weights, and
+    the tests' reference)."""
+    import transformers
+
+    return getattr(transformers, {"qwen2_audio": "Qwen2AudioForConditionalGeneration",
+                                  "qwen2_vl": "Qwen2VLForConditionalGeneration",
+                                  "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                                  "qwen3_vl": "Qwen3VLForConditionalGeneration"}.get(
+        model_type, "LlavaForConditionalGeneration"))
+
+
 def _build_model(config, seed: int, *, never_generated_ids: list[int]):
     """Random model, deterministic in `seed`: transformers' own init under a fixed torch seed
     (with `initializer_range` widened in the text config), then a larger final-norm gain and
     silenced LM-head rows for `never_generated_ids`."""
-    from transformers import (
-        LlavaForConditionalGeneration,
-        Qwen2AudioForConditionalGeneration,
-        Qwen2VLForConditionalGeneration,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen3VLForConditionalGeneration,
-    )
-
-    cls = {"qwen2_audio": Qwen2AudioForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration,
-           "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
-           "qwen3_vl": Qwen3VLForConditionalGeneration}.get(config.model_type, LlavaForConditionalGeneration)
+    cls = reference_model_class(config.model_type)
     torch.manual_seed(seed)
     model = cls(config).eval()
     # Logits = lm_head(norm(h)): the final RMSNorm output has RMS ~ its gain, so std(logit) ~

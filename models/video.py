@@ -19,12 +19,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# magic bytes -> (FFmpeg demuxer, what to call it in messages)
+# magic bytes -> the FFmpeg demuxer that opens them (MP4/MOV; WebM/MKV)
 _CONTAINERS = (
-    (lambda head: head[4:8] == b"ftyp", "mov", "MP4/MOV"),
-    (lambda head: head[:4] == b"\x1a\x45\xdf\xa3", "matroska", "WebM/MKV"),
+    (lambda head: head[4:8] == b"ftyp", "mov"),
+    (lambda head: head[:4] == b"\x1a\x45\xdf\xa3", "matroska"),
 )
-VIDEO_CODECS = ("h264", "hevc", "vp8", "vp9", "av1")  # FFmpeg codec ids (stream.codec_context.codec.name)
+VIDEO_CODECS = ("h264", "hevc", "vp8", "vp9", "av1")
+# the FFmpeg decoders of those codecs (stream.codec_context.codec.name): AV1 decodes with libdav1d
+_DECODERS = frozenset(VIDEO_CODECS) | {"libdav1d", "libvpx", "libvpx-vp9"}
 MAX_SOURCE_FPS = 240.0
 
 
@@ -56,7 +58,7 @@ class SampledVideo:
 
 
 def is_video(head: bytes) -> bool:
-    return any(match(head) for match, _, _ in _CONTAINERS)
+    return any(match(head) for match, _ in _CONTAINERS)
 
 
 def decode_video(data: bytes, limits: VideoLimits, sample_indices) -> SampledVideo:
@@ -64,7 +66,7 @@ def decode_video(data: bytes, limits: VideoLimits, sample_indices) -> SampledVid
     Raises VideoError with a message for the client."""
     import av
 
-    demuxer = next((d for match, d, _ in _CONTAINERS if match(data[:12])), None)
+    demuxer = next((d for match, d in _CONTAINERS if match(data[:12])), None)
     if demuxer is None:
         raise VideoError("cannot decode video: the bytes are not an MP4/MOV, WebM or MKV file")
     try:
@@ -74,7 +76,7 @@ def decode_video(data: bytes, limits: VideoLimits, sample_indices) -> SampledVid
             stream = container.streams.video[0]
             # a bitstream error fails the decode instead of giving a damaged frame to the model
             stream.codec_context.options = {"err_detect": "explode"}
-            fps, total = _check_header(container, stream, demuxer, limits)
+            fps, total = _check_header(container, stream, limits)
             if total == 0:  # Matroska keeps no frame count: count the packets (no decoding)
                 total = _count_packets(container, stream, fps, limits)
                 container.seek(0)
@@ -99,9 +101,9 @@ def decode_video(data: bytes, limits: VideoLimits, sample_indices) -> SampledVid
     return SampledVideo(np.stack(frames), fps, total, indices)
 
 
-def _check_header(container, stream, demuxer: str, limits: VideoLimits) -> tuple[float, int]:
+def _check_header(container, stream, limits: VideoLimits) -> tuple[float, int]:
     codec = stream.codec_context.codec.name
-    if codec not in VIDEO_CODECS and not (codec.startswith("lib") and codec[3:] in ("dav1d", "vpx", "vpx-vp9")):
+    if codec not in _DECODERS:
         raise VideoError(f"video codec {codec!r} is not accepted; send {', '.join(VIDEO_CODECS)}")
     width, height = stream.width, stream.height
     if width < 1 or height < 1:

@@ -36,6 +36,14 @@ def host_allowed(host: str, allowlist: tuple[str, ...]) -> bool:
     return False
 
 
+def _label(mime: str, kind: str) -> str:
+    """The MIME type a part's bytes go on with: the sender's when it names ``kind``; otherwise none
+    (the bytes say what they are), except that a ``video_url`` must hold a video."""
+    if mime.startswith(kind + "/"):
+        return mime
+    return "video/" if kind == "video" else ""
+
+
 class MediaResolver:
     def __init__(self, allowlist: tuple[str, ...], timeout_s: float, max_bytes: int):
         self.allowlist = allowlist
@@ -64,8 +72,7 @@ class MediaResolver:
         if mime and not mime.startswith(kind + "/"):
             raise HTTPError(400, f"{kind}_url holds {mime!r}; send {kind}s as {kind}/* (images go in image_url, "
                                  f"videos in video_url, audio in input_audio parts)", param=param)
-        # no mime: the bytes say what they are, but a video_url must hold a video
-        return MediaInput(self._b64(data, param), mime or ("video/" if kind == "video" else ""))
+        return MediaInput(self._b64(data, param), _label(mime, kind))
 
     def _b64(self, data: str, param: str) -> bytes:
         if len(data) // 4 * 3 > self.max_bytes + 3:  # before decoding anything
@@ -108,7 +115,7 @@ class MediaResolver:
         except httpx.HTTPError as exc:
             raise HTTPError(400, f"cannot fetch the {kind}: {type(exc).__name__}", param=param,
                             code="url_fetch_failed") from None
-        return MediaInput(data, mime if mime.startswith(kind + "/") else ("video/" if kind == "video" else ""))
+        return MediaInput(data, _label(mime, kind))
 
     async def _read_capped(self, resp, param: str, kind: str) -> bytes:
         declared = resp.headers.get("content-length", "")

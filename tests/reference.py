@@ -64,16 +64,14 @@ class HFReference:
     """``transformers`` model + processor of a checkpoint, for greedy references."""
 
     def __init__(self, path):
-        from transformers import (AutoConfig, AutoProcessor, LlavaForConditionalGeneration,
-                                  Qwen2_5_VLForConditionalGeneration, Qwen2AudioForConditionalGeneration,
-                                  Qwen2VLForConditionalGeneration, Qwen3VLForConditionalGeneration)
+        from transformers import AutoConfig, AutoProcessor
+
+        from models.tiny import reference_model_class
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.processor = AutoProcessor.from_pretrained(path)
-        cls = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
-               "qwen3_vl": Qwen3VLForConditionalGeneration, "qwen2_audio": Qwen2AudioForConditionalGeneration}.get(
-            AutoConfig.from_pretrained(path).model_type, LlavaForConditionalGeneration)
+        cls = reference_model_class(AutoConfig.from_pretrained(path).model_type)
         self.model = cls.from_pretrained(path, dtype=torch.float32).eval()
 
     def inputs(self, prompt: str, media: list[MediaInput]):

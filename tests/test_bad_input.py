@@ -41,7 +41,7 @@ from PIL import Image
 
 from cluster.client import build_request
 from cluster.engine.sampling import SamplerState, SamplingParams, sample
-from models.media_samples import make_test_audio, make_test_image
+from models.media_samples import encode_video, make_test_audio, make_test_image
 from models.processor import MediaInput
 from tests.helpers import (assert_openai_error, data_uri, reference, reference_engine, wait_until_idle,
                            worker_counters)
@@ -425,41 +425,13 @@ def video_without_frames() -> bytes:
 
 def video_claiming_hours(hours: float) -> bytes:
     """Three real H.264 frames whose timestamps span ``hours``: the header says that long."""
-    import fractions
-
-    import av
-
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=1)
-        stream.width = stream.height = 64
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.time_base = fractions.Fraction(1, 1)
-        for i, pts in enumerate([0, 1, int(hours * 3600)]):
-            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 40 * i, np.uint8), format="rgb24")
-            frame.pts, frame.time_base = pts, fractions.Fraction(1, 1)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
+    frames = [np.full((64, 64, 3), 40 * i, np.uint8) for i in range(3)]
+    return encode_video(frames, 1, pts=[0, 1, int(hours * 3600)])
 
 
 def flat_video(width: int, height: int, frames: int = 2) -> bytes:
     """An H.264 MP4 of one flat colour (a few KiB at any size)."""
-    import av
-
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=2)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for _ in range(frames):
-            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 90, np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
+    return encode_video([np.full((height, width, 3), 90, np.uint8)] * frames, 2)
 
 
 def bad_video_requests() -> dict[str, tuple[object, str]]:

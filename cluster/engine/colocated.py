@@ -30,7 +30,7 @@ from cluster.engine.sampling import SamplingParams
 from cluster.engine.setup import build_lm_engine, eos_token_ids, resolve_engine_model
 from cluster.faults import FaultInjector
 from models.loader import load_model
-from models.processor import MODALITIES, MediaInput, MultimodalProcessor
+from models.processor import MediaInput, MultimodalProcessor
 
 
 @dataclass
@@ -148,11 +148,10 @@ class ColocatedEngine:
     def _queue_encoded(self, pending: list[PreparedRequest]) -> None:
         if any(p.media for p in pending):
             self.faults.hit("encode")
-        embeddings: dict[tuple[str, int], torch.Tensor] = {}
-        for modality in MODALITIES:
-            keys = [(p.request_id, i) for p in pending for i, m in enumerate(p.media) if m.modality == modality]
-            items = [p.media[i] for p in pending for i, m in enumerate(p.media) if m.modality == modality]
-            embeddings.update(zip(keys, self.encoder.encode(items)))
+        # every item of every request; the runner batches them one tower forward per modality
+        keys = [(p.request_id, i) for p in pending for i in range(len(p.media))]
+        embeddings: dict[tuple[str, int], torch.Tensor] = dict(
+            zip(keys, self.encoder.encode([m for p in pending for m in p.media])))
         for p in pending:
             slots = [MediaSlot(off, embeddings[(p.request_id, i)], p.media[i].content_hash)
                      for i, off in enumerate(p.plan.media_offsets)]
