@@ -43,10 +43,12 @@ class DecodeSink:
             if detok.stopped:
                 stopped = True
                 break
-        if not stopped and finish_reason == "error":  # its step failed: a worker failure
-            self.done.set_exception(WorkerUnavailableError(f"{self.worker_name} failed the request"))
-            return
-        finished = stopped or finish_reason is not None
+        # A failed step sends "error" and no token, but a stream that fell behind merges steps
+        # (step_stream.merge_deltas): the tokens of the steps before the failure arrive with it.
+        # They were made, so they reach the client before the failure: the migration continues
+        # after them (``tokens``), and a token counted there but never emitted would be lost.
+        failed = not stopped and finish_reason == "error"
+        finished = stopped or (finish_reason is not None and not failed)
         text = detok.take(final=finished)
         if num_new or text:
             new_tokens = token_ids if num_new == len(token_ids) else token_ids[:num_new]
@@ -54,7 +56,9 @@ class DecodeSink:
             if st.num_tokens_sent == 0:
                 t["ttft"] = now
             st.num_tokens_sent += num_new
-        if finished:
+        if failed:
+            self.done.set_exception(WorkerUnavailableError(f"{self.worker_name} failed the request"))
+        elif finished:
             t["last"] = now
             st.decode_done = finish_reason is not None  # the worker ended it itself; else cleanup aborts it there
             self.done.set_result(("stop", "") if stopped else (finish_reason, ""))

@@ -143,3 +143,36 @@ def test_controller_membership_states_and_status_shape():
                                      "transfers_failed": 0}
     ctl.remove_worker("decode-1")
     assert [w.worker_id for w in ctl.workers("decode")] == ["decode-0"]
+
+
+# -- decode sink: a worker's token stream into the request's events ---------------------------
+def test_tokens_merged_with_a_failure_reach_the_client_before_it(tiny_models):
+    """A stream that fell behind merges steps: the tokens of steps before a failed one arrive in
+    the same delta as its "error". They must be emitted (the migration continues after every
+    token counted as sent); then the sink fails."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from cluster.engine.detokenizer import IncrementalDetokenizer
+    from router.decode_sink import DecodeSink
+    from router.events import WorkerUnavailableError
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llava-siglip-qwen2"])
+    ids = tokenizer("one two three four", add_special_tokens=False)["input_ids"]
+
+    async def run():
+        events, tokens = [], []
+        st = SimpleNamespace(num_tokens_sent=0, decode_done=False)
+        sink = DecodeSink(st, {"first": 0.0}, "decode worker d-0", IncrementalDetokenizer(tokenizer), tokens,
+                          events.append)
+        sink.push(ids[:1], None)
+        sink.push(ids[1:], "error")
+        with pytest.raises(WorkerUnavailableError, match="d-0 failed"):
+            await sink.done
+        return events, tokens, st
+
+    events, tokens, st = asyncio.run(run())
+    assert [t for e in events for t in e.token_ids] == tokens == ids  # every token counted was emitted
+    assert "".join(e.text for e in events) == tokenizer.decode(ids)
+    assert st.num_tokens_sent == len(ids) and not st.decode_done
