@@ -41,7 +41,9 @@ class PrefillRequest:
 
     request_id: str  # unique per request across the cluster
     prompt_token_ids: list[int]  # the expanded prompt: placeholders already repeated to each item's token count
-    media_offsets: list[int]  # token index in prompt_token_ids where each media item's embedding starts, in item order
+    # per media item, in item order: the (token index, tokens) runs of prompt_token_ids its
+    # embedding rows fill, in order (TokenPlan.media_runs; one run per item but a Qwen3-VL video)
+    media_runs: list[tuple[tuple[int, int], ...]]
     sampling: SamplingParams  # validated sampling params (the first token is sampled with these)
     eos_token_ids: tuple[int, ...]  # the model's EOS ids (first token may already be EOS)
     # content hash of each media item (DecodedMedia.content_hash, hex), in item order: the prefix

@@ -92,8 +92,7 @@ MODALITIES = ("image", "video", "audio")
 _ARCH_MODALITIES = {"LlavaForConditionalGeneration": ("image",),
                     "Qwen2VLForConditionalGeneration": ("image", "video"),
                     "Qwen2_5_VLForConditionalGeneration": ("image", "video"),
-                    # video not yet: its frames are separated by timestamp text (one item, several runs)
-                    "Qwen3VLForConditionalGeneration": ("image",),
+                    "Qwen3VLForConditionalGeneration": ("image", "video"),
                     "Qwen2AudioForConditionalGeneration": ("audio",)}
 
 
@@ -108,17 +107,32 @@ class DecodedMedia:
     grid_thw: tuple[int, int, int] | None = None  # Qwen-VL: patch grid after the smart resize
 
 
+# Where one media item's embedding rows go in the prompt: (first token index, tokens) runs, the
+# rows consumed in order. One run per item, except a Qwen3-VL video: one per temporal patch, each
+# run preceded by its timestamp text ("<1.3 seconds>") and wrapped in vision start/end tokens.
+MediaRuns = tuple[tuple[int, int], ...]
+
+
 @dataclass
 class TokenPlan:
     """The prompt as the LM sees it: placeholders expanded to one token per media embedding."""
 
     prompt_token_ids: list[int]
-    media_offsets: list[int] = field(default_factory=list)  # first placeholder index per item
-    media_lengths: list[int] = field(default_factory=list)  # tokens per item
+    media_runs: list[MediaRuns] = field(default_factory=list)  # per item, in prompt order
     # M-RoPE models (models/mrope.py): [3, len(prompt)] positions and the delta of every later
     # token (position = index + delta); None / 0 for the others
     mrope_positions: torch.Tensor | None = None
     position_delta: int = 0
+
+    @property
+    def media_offsets(self) -> list[int]:
+        """First placeholder index per item."""
+        return [runs[0][0] for runs in self.media_runs]
+
+    @property
+    def media_lengths(self) -> list[int]:
+        """Placeholder tokens per item (its embedding rows; timestamp text not counted)."""
+        return [sum(n for _, n in runs) for runs in self.media_runs]
 
 
 class MultimodalProcessor:
@@ -219,16 +233,29 @@ class MultimodalProcessor:
     def video_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
         """Qwen-VL: the (t, h, w) patch grid of ``num_frames`` sampled frames of ``height`` x
         ``width``, as the video processor resizes them (its ``resize``: ``smart_resize``, the
-        per-frame pixel cap where ``cap_pixels_per_frame`` is set) and pads time to whole patches."""
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
+        per-frame pixel cap where ``cap_pixels_per_frame`` is set) and pads time to whole patches.
+        Qwen3-VL's resize bounds the pixels of all frames together and needs a whole temporal patch."""
         vp = self.video_processor
         factor, tps = vp.patch_size * vp.merge_size, vp.temporal_patch_size
         min_pixels, max_pixels = vp.size["shortest_edge"], vp.size["longest_edge"]
-        if vp.cap_pixels_per_frame:
-            total_pixels = int(vp.max_video_tokens * factor * factor * 0.9)
-            max_pixels = max(min(max_pixels, total_pixels * tps // num_frames), int(min_pixels * 1.05))
-        h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+        if self.mrope.frame_runs:  # Qwen3VLVideoProcessor
+            from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as resize_video
+
+            if num_frames < tps:
+                raise MediaError(f"video has {num_frames} frame(s) to sample; this model needs at least {tps}")
+            if vp.cap_pixels_per_frame:
+                per_frame = max(min(vp.max_video_tokens * factor * factor, max_pixels // num_frames),
+                                int(min_pixels * 1.05))
+                max_pixels = per_frame * num_frames
+            h, w = resize_video(num_frames, height, width, temporal_factor=tps, factor=factor,
+                                min_pixels=min_pixels, max_pixels=max_pixels)
+        else:
+            from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+            if vp.cap_pixels_per_frame:
+                total_pixels = int(vp.max_video_tokens * factor * factor * 0.9)
+                max_pixels = max(min(max_pixels, total_pixels * tps // num_frames), int(min_pixels * 1.05))
+            h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
         return -(-num_frames // tps), h // vp.patch_size, w // vp.patch_size
 
     def seconds_per_grid(self, item: DecodedMedia) -> float | None:
@@ -283,9 +310,7 @@ class MultimodalProcessor:
                 raise MediaError(f"placeholder {n} of the prompt is {self.placeholders[kind][0]} ({kind}) but "
                                  f"media item {n} is {item.modality}; send the media in placeholder order")
             plan.prompt_token_ids.extend(ids[prev:pos])
-            plan.media_offsets.append(len(plan.prompt_token_ids))
-            plan.media_lengths.append(item.num_tokens)
-            plan.prompt_token_ids.extend([ids[pos]] * item.num_tokens)
+            plan.media_runs.append(self._expand(item, ids[pos], plan.prompt_token_ids))
             prev = pos + 1
         plan.prompt_token_ids.extend(ids[prev:])
         if self.mrope is not None and media:
@@ -293,6 +318,26 @@ class MultimodalProcessor:
                 self.mrope, plan.prompt_token_ids, [m.grid_thw for m in media],
                 [self.seconds_per_grid(m) for m in media])
         return plan
+
+    def _expand(self, item: DecodedMedia, placeholder_id: int, out: list[int]) -> MediaRuns:
+        """Append ``item``'s tokens to ``out`` in place of its placeholder; returns its runs. A
+        Qwen3-VL video: per temporal patch, its timestamp text then vision start, the patch's
+        placeholders, vision end (Qwen3VLProcessor.replace_video_token)."""
+        if item.video is None or not self.mrope.frame_runs:
+            out.extend([placeholder_id] * item.num_tokens)
+            return ((len(out) - item.num_tokens, item.num_tokens),)
+        per_frame = item.num_tokens // item.grid_thw[0]
+        video = item.video
+        seconds = self.hf_processor._calculate_timestamps(list(video.indices), video.source_fps,
+                                                          self.video_processor.temporal_patch_size)
+        runs = []
+        for t in seconds[: item.grid_thw[0]]:
+            out.extend(self.tokenizer.encode(f"<{t:.1f} seconds>", add_special_tokens=False))
+            out.append(self.hf_processor.vision_start_token_id)
+            runs.append((len(out), per_frame))
+            out.extend([placeholder_id] * per_frame)
+            out.append(self.hf_processor.vision_end_token_id)
+        return tuple(runs)
 
     # -- encoder side ------------------------------------------------------------------------
     def preprocess(self, items: list[DecodedMedia]) -> dict[str, torch.Tensor]:

@@ -27,7 +27,8 @@ Architectures (`ARCHS`):
                          time-aligned M-RoPE for video (2 position ids per second).
 - ``qwen3-vl``           Qwen3-VL: 16 px patches, interpolated position table, DeepStack (tower
                          blocks 0 and 1 feed LM layers 0 and 1) -> Qwen3 LM (q/k RMSNorm, no qkv
-                         bias) with interleaved M-RoPE ([12, 10, 10] of 32 frequencies).
+                         bias) with interleaved M-RoPE ([12, 10, 10] of 32 frequencies); its
+                         video processor caps pixels per frame (cap_pixels_per_frame).
 - ``qwen2-audio``        Qwen2-Audio: Whisper-style encoder (128 mel bins, 30 s window) -> linear
                          projector -> Qwen2 LM (untied, as Qwen2-Audio-7B). One audio token per
                          40 ms of audio: ((frames - 1) // 2 + 1 - 2) // 2 + 1 with frames = 100/s.
@@ -61,7 +62,7 @@ ARCHS = ("llava-clip-llama", "llava-siglip-qwen2", "qwen2-vl", "qwen2.5-vl", "qw
 QWEN_VL_ARCHS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 
 # Bump when the output of build_tiny_model changes: it names the cache folder.
-TINY_MODEL_VERSION = "v2"
+TINY_MODEL_VERSION = "v3"
 
 # Language-model sizes (`build_tiny_model(size=...)`): "tiny" for tests; "100m" for engine
 # benchmarks, where a step must move enough weight bytes to be bound by memory bandwidth, as a
@@ -535,7 +536,7 @@ def _build_processor(arch: str, tokenizer):
                 image_processor=Qwen2VLImageProcessor(size={"shortest_edge": 64 * 64, "longest_edge": 32 * 32 * 256},
                                                       **half),
                 video_processor=Qwen3VLVideoProcessor(size={"shortest_edge": 64 * 64, "longest_edge": 32 * 32 * 64},
-                                                      **half),
+                                                      cap_pixels_per_frame=True, **half),
                 tokenizer=tokenizer, chat_template=_QWEN2_VL_CHAT_TEMPLATE)
         size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 256}
         video = Qwen2VLVideoProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}, fps=2.0,

@@ -3,7 +3,7 @@
 A request's life inside the worker::
 
     prefill(PrefillRequest, embeddings, Reservation)        [streaming generator, one per request]
-      │ Request(prompt, media=MediaSlot(offset, emb)) -> scheduler.add         WAITING
+      │ Request(prompt, media=media_slots(runs, emb)) -> scheduler.add         WAITING
       ▼
     engine loop (one task):  aborts -> schedule -> execute (model thread) -> post-process
       │ admitted with blocks for the whole prompt, the first ones shared from the prefix
@@ -39,7 +39,7 @@ import torch
 from cluster.config import EngineConfig, KVTransferConfig
 from cluster.contracts import KVShipped, PrefillFirstToken, PrefillRequest, Reservation
 from cluster.engine.setup import build_lm_engine, resolve_engine_model
-from cluster.engine.request import MediaSlot, Request, RequestStatus
+from cluster.engine.request import Request, RequestStatus, media_slots
 from cluster.kv_transfer import KVTransferError, KVTransferMeta, iter_kv_layers, run_kv_transfer
 from cluster.worker_base import BaseWorker, make_kv_endpoint
 from models.loader import load_model
@@ -200,15 +200,10 @@ class PrefillWorker(BaseWorker):
 
     # -- helpers ---------------------------------------------------------------------------
     def _make_request(self, request: PrefillRequest, embeddings: list[torch.Tensor]) -> Request:
-        if len(embeddings) != len(request.media_offsets):
-            raise ValueError(f"{len(embeddings)} embeddings for {len(request.media_offsets)} media offsets")
         hashes = list(request.media_hashes) or [""] * len(embeddings)  # "": that media is never shared
-        if len(hashes) != len(embeddings):
-            raise ValueError(f"{len(hashes)} media hashes for {len(embeddings)} media items")
         if request.request_id in self._first_token:
             raise ValueError(f"duplicate request id {request.request_id!r}")
-        slots = [MediaSlot(off, emb.to(self.device), h)
-                 for off, emb, h in zip(request.media_offsets, embeddings, hashes)]
+        slots = media_slots(request.media_runs, embeddings, hashes, self.device)
         return Request(request.request_id, list(request.prompt_token_ids), request.sampling, slots,
                        frozenset(request.eos_token_ids), mrope_positions=request.mrope_positions,
                        position_delta=request.position_delta)

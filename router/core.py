@@ -325,7 +325,7 @@ class RouterCore:
         prefill = st.prefill_worker = policies.pick_prefill(self._ready("prefill", st.avoid))
         self._account(st, prefill, "inflight_tokens", num_prompt)
         self._account(st, prefill, "inflight_requests", 1)
-        request = PrefillRequest(st.request_id, prompt, list(plan.media_offsets), sampling, self.eos_token_ids,
+        request = PrefillRequest(st.request_id, prompt, list(plan.media_runs), sampling, self.eos_token_ids,
                                  [d.content_hash for d in st.prepared.media], plan.mrope_positions,
                                  plan.position_delta)
         t.setdefault("prefill", time.monotonic())

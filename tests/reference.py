@@ -50,9 +50,8 @@ def _qwen_vl_media(seed: int, kind: str, spec) -> MediaInput:
 def prompt_cases(arch: str) -> dict[str, tuple[str, list[MediaInput]]]:
     """name -> (prompt with placeholders, media items) for an architecture."""
     if arch in ("qwen2-vl", "qwen2.5-vl", "qwen3-vl"):
-        video = arch != "qwen3-vl"  # Qwen3-VL video is not served yet (timestamped frames)
         return {name: (p, [_qwen_vl_media(i + 1, kind, spec) for i, (kind, spec) in enumerate(items)])
-                for name, (p, items) in QWEN_VL_PROMPTS.items() if video or all(k == "image" for k, _ in items)}
+                for name, (p, items) in QWEN_VL_PROMPTS.items()}
     if arch == "qwen2-audio":
         return {name: (p, [MediaInput(make_test_audio(i + 1, 1.0 + i), "audio/wav") for i in range(n)])
                 for name, (p, n) in AUDIO_PROMPTS.items()}

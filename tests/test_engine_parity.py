@@ -80,11 +80,11 @@ def test_bfloat16_runs_and_mostly_agrees(tiny_models):
 
 def _engine_prefill_logits(engine: ColocatedEngine, prepared) -> torch.Tensor:
     """Last-position logits of a one-request prefill step through the engine's own runner."""
-    from cluster.engine.request import MediaSlot, Request
+    from cluster.engine.request import Request, media_slots
     from cluster.engine.scheduler import ScheduledBatch
 
     embeddings = engine.encoder.encode(prepared.media)
-    slots = [MediaSlot(o, e) for o, e in zip(prepared.plan.media_offsets, embeddings)]
+    slots = media_slots(prepared.plan.media_runs, embeddings, [""] * len(embeddings))
     req = Request("x", prepared.plan.prompt_token_ids, prepared.sampling, slots,
                   mrope_positions=prepared.plan.mrope_positions, position_delta=prepared.plan.position_delta)
     req.block_ids = engine.blocks.allocate(engine.blocks.blocks_for_tokens(req.num_tokens))

@@ -50,6 +50,34 @@ def test_plan_token_counts_follow_the_image_size(qwen_vl):
     assert max(plan.media_lengths) * 4 * ip.patch_size ** 2 <= ip.size["longest_edge"]
 
 
+def test_plans_equal_the_processor_for_every_prompt_case(qwen_vl):
+    """Prompt ids, media token counts and where each item's rows go, against the HF processor. A
+    Qwen3-VL video is one run per temporal patch, each after its timestamp text and vision start."""
+    path, ref = qwen_vl
+    engine = ColocatedEngine(EngineConfig(model=str(path)))
+    tok = ref.processor.tokenizer
+    for name, (prompt, media) in prompt_cases(request_arch(ref)).items():
+        plan = engine.inputs.prepare("x", prompt, media, SamplingParams()).plan
+        inputs = ref.inputs(prompt, media)
+        ids = inputs["input_ids"][0].tolist()
+        assert plan.prompt_token_ids == ids, name
+        grids = iter(torch.cat([inputs.get("image_grid_thw", torch.zeros(0, 3)), inputs.get("video_grid_thw",
+                                torch.zeros(0, 3))]).long().tolist())
+        kinds = [m.modality for m in media]
+        order = [*(i for i, k in enumerate(kinds) if k == "image"), *(i for i, k in enumerate(kinds) if k == "video")]
+        per_item = dict(zip(order, grids))
+        for i, (runs, kind) in enumerate(zip(plan.media_runs, kinds)):
+            t, h, w = per_item[i]
+            assert plan.media_lengths[i] == t * h * w // 4, name
+            pad = tok.convert_tokens_to_ids(f"<|{kind}_pad|>")
+            assert all(ids[o: o + n] == [pad] * n for o, n in runs), name
+            split = kind == "video" and request_arch(ref) == "qwen3-vl"
+            assert len(runs) == (t if split else 1), name
+            if split:  # "<0.3 seconds><|vision_start|>" before each run
+                for o, _ in runs:
+                    assert tok.decode(ids[o - 7: o]).endswith(" seconds><|vision_start|>"), name
+
+
 def test_positions_equal_transformers_rope_index(qwen_vl):
     path, ref = qwen_vl
     spec = MRopeSpec.from_config(ref.model.config)

@@ -1,4 +1,4 @@
-"""Qwen2-VL through a served disaggregated cluster beyond plain gRPC parity (test_cluster_e2e.py):
+"""The Qwen-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) through a served disaggregated cluster beyond plain gRPC parity (test_cluster_e2e.py):
 the OpenAI chat API with ``image_url`` and ``video_url`` parts, and a decode step that fails
 mid-stream, migrated (re-prefill of prompt + the tokens sent so far: the prompt at its 3-D
 positions, the sent tokens at index + delta) with output identical to the fault-free run."""
@@ -20,18 +20,17 @@ from tests.helpers import data_uri, reference, reference_engine, wait_until_idle
 from tests.reference import prompt_cases
 
 pytestmark = pytest.mark.slow
-ARCH = "qwen2-vl"
 
 
-@pytest.fixture(scope="module")
-def stack(ray_session, tiny_models):
-    s = ServedCluster(ARCH, tiny_models[ARCH])
+@pytest.fixture(scope="module", params=("qwen2-vl", "qwen2.5-vl", "qwen3-vl"))
+def stack(request, ray_session, tiny_models):
+    s = ServedCluster(request.param, tiny_models[request.param])
     yield s
     s.close()
 
 
 def test_chat_completions_with_image_and_video_urls_equal_the_engine(stack, tiny_models):
-    engine = reference_engine(ARCH, tiny_models[ARCH])
+    engine = reference_engine(stack.arch, tiny_models[stack.arch])
     image, video = make_test_image(3, (150, 330)), make_test_video(3, (112, 84), 9, 3)
     question = {"type": "text", "text": "What moved?"}
     prompt = engine.processor.apply_chat_template(
@@ -51,9 +50,9 @@ def test_chat_completions_with_image_and_video_urls_equal_the_engine(stack, tiny
 
 
 def test_decode_failure_mid_stream_is_migrated_with_identical_output(stack, tiny_models):
-    engine = reference_engine(ARCH, tiny_models[ARCH])
+    engine = reference_engine(stack.arch, tiny_models[stack.arch])
     greedy = SamplingParams(max_tokens=24, ignore_eos=True)
-    reqs = [(prompt, media, greedy) for prompt, media in prompt_cases(ARCH).values() if media]
+    reqs = [(prompt, media, greedy) for prompt, media in prompt_cases(stack.arch).values() if media]
     want = [c.token_ids for c in reference(engine, reqs)]
     retries = stack.core.metrics.retries.labels("decode")
     before = retries._value.get()

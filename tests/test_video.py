@@ -1,5 +1,5 @@
-"""Video (Qwen2-VL): frames sampled and preprocessed exactly as the model's Hugging Face video
-processor does them, the per-request token cap, and ``tessera generate --video``. Greedy parity
+"""Video (Qwen2-VL, Qwen3-VL): frames sampled and preprocessed exactly as the model's Hugging Face
+video processor does them, the per-request token cap, and ``tessera generate --video``. Greedy parity
 with transformers for one video and image + video in one prompt is in test_qwen_vl.py (in
 process: chunked, prefix-cached) and test_cluster_e2e.py (disaggregated); bad videos against a
 served cluster in test_bad_input.py."""
@@ -20,11 +20,19 @@ from tests.reference import QWEN_VL_IMAGE, QWEN_VL_VIDEO, HFReference, _load_vid
 from tests.test_cli import tessera
 
 
-@pytest.fixture(scope="module")
-def qwen_vl(tiny_models):
-    path = tiny_models["qwen2-vl"]
+def _setup(path):
     ref = HFReference(path)
     return path, ref, MultimodalProcessor(path, ref.model.config)
+
+
+@pytest.fixture(scope="module")
+def qwen_vl(tiny_models):
+    return _setup(tiny_models["qwen2-vl"])
+
+
+@pytest.fixture(scope="module", params=("qwen2-vl", "qwen3-vl"))  # two video processors (Qwen2.5-VL: Qwen2's)
+def any_video_processor(request, tiny_models):
+    return _setup(tiny_models[request.param])
 
 
 @pytest.mark.parametrize("kind,frames,fps,size", [
@@ -33,8 +41,8 @@ def qwen_vl(tiny_models):
     ("mkv", 30, 15, (200, 120)),  # 2 s at 15 fps: 4 frames; resized down to the frame pixel cap
     ("mp4", 5, 2, (84, 84)),  # an odd count: sampling keeps whole temporal patches (4 frames)
 ])
-def test_frames_and_pixels_equal_the_video_processor(qwen_vl, kind, frames, fps, size):
-    path, ref, proc = qwen_vl
+def test_frames_and_pixels_equal_the_video_processor(any_video_processor, kind, frames, fps, size):
+    path, ref, proc = any_video_processor
     media = MediaInput(make_test_video(7, size, frames, fps, kind), f"video/{kind}")
     ours = proc.decode_media(media, MediaLimits())
     all_frames, meta = _load_video(media.data)
@@ -44,8 +52,18 @@ def test_frames_and_pixels_equal_the_video_processor(qwen_vl, kind, frames, fps,
     assert ours.grid_thw == tuple(want["video_grid_thw"][0].tolist())
     assert torch.equal(got["pixel_values"], want["pixel_values_videos"])
     assert ours.num_tokens == int(want["video_grid_thw"][0].prod()) // 4
-    if fps == proc.video_fps:  # at the sampling rate every frame is kept (whole temporal patches)
-        assert ours.video.indices == list(range(frames - frames % 2))
+    if fps == proc.video_fps:  # at the sampling rate every frame is kept: Qwen2-VL's sampler keeps whole
+        # temporal patches, Qwen3-VL's every frame (the last patch padded by repeating the last frame)
+        kept = frames if proc.mrope.frame_runs else frames - frames % 2
+        assert ours.video.indices == list(range(kept))
+
+
+def test_qwen3_vl_needs_a_whole_temporal_patch(tiny_models):
+    """Qwen3-VL's resize refuses fewer frames than a temporal patch: a one-frame video is the
+    client's error, said before any worker."""
+    _, _, proc = _setup(tiny_models["qwen3-vl"])
+    with pytest.raises(ValueError, match=r"video has 1 frame\(s\) to sample; this model needs at least 2"):
+        proc.decode_media(MediaInput(make_test_video(5, (84, 84), 1, 2), "video/mp4"), MediaLimits())
 
 
 def test_a_video_and_images_share_the_tower_and_the_placeholders_must_match(qwen_vl):

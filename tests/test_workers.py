@@ -144,7 +144,7 @@ async def run_request(w: Workers, prompt: str, media: list[MediaInput], sampling
     reservation: Reservation = await w.decode.reserve.remote(rid, len(plan.prompt_token_ids), sampling.max_tokens)
     stage["reserve"] = time.perf_counter() - t0
     stream = w.prefill.prefill.options(num_returns="streaming").remote(
-        PrefillRequest(rid, plan.prompt_token_ids, plan.media_offsets, sampling, eos,
+        PrefillRequest(rid, plan.prompt_token_ids, plan.media_runs, sampling, eos,
                        [d.content_hash for d in prepared.media]), embeddings, reservation)
     events, times = [], []
     async for ref in stream:

@@ -25,7 +25,7 @@ from cluster.config import EngineConfig
 from cluster.engine.detokenizer import IncrementalDetokenizer
 from cluster.engine.encoder_runner import EncoderRunner
 from cluster.engine.inputs import InputPreparer, PreparedRequest
-from cluster.engine.request import MediaSlot, Request, RequestStatus
+from cluster.engine.request import Request, RequestStatus, media_slots
 from cluster.engine.sampling import SamplingParams
 from cluster.engine.setup import build_lm_engine, eos_token_ids, resolve_engine_model
 from cluster.faults import FaultInjector
@@ -153,8 +153,8 @@ class ColocatedEngine:
         embeddings: dict[tuple[str, int], torch.Tensor] = dict(
             zip(keys, self.encoder.encode([m for p in pending for m in p.media])))
         for p in pending:
-            slots = [MediaSlot(off, embeddings[(p.request_id, i)], p.media[i].content_hash)
-                     for i, off in enumerate(p.plan.media_offsets)]
+            slots = media_slots(p.plan.media_runs, [embeddings[(p.request_id, i)] for i in range(len(p.media))],
+                                [m.content_hash for m in p.media])
             req = Request(p.request_id, p.plan.prompt_token_ids, p.sampling, slots, self.eos_token_ids,
                           mrope_positions=p.plan.mrope_positions, position_delta=p.plan.position_delta)
             self._requests[req.request_id] = req

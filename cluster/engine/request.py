@@ -54,6 +54,26 @@ class MediaSlot:
         return self.embeddings.shape[0]
 
 
+def media_slots(runs: list[tuple[tuple[int, int], ...]], embeddings: list[torch.Tensor], hashes: list[str],
+                device: torch.device | str | None = None) -> list[MediaSlot]:
+    """One slot per run of each item (``TokenPlan.media_runs``), the item's embedding rows dealt
+    out in order; ValueError when the counts disagree. A run of a multi-run item is hashed as
+    ``hash:k``: the prefix cache tells the runs of one video apart."""
+    if not len(runs) == len(embeddings) == len(hashes):
+        raise ValueError(f"{len(embeddings)} embeddings and {len(hashes)} hashes for {len(runs)} media items")
+    slots = []
+    for item_runs, emb, content_hash in zip(runs, embeddings, hashes):
+        if sum(n for _, n in item_runs) != emb.shape[0]:
+            raise ValueError(f"an item of {emb.shape[0]} embedding rows placed in runs of "
+                             f"{[n for _, n in item_runs]} tokens")
+        emb, row = emb.to(device) if device is not None else emb, 0
+        for k, (offset, n) in enumerate(item_runs):
+            key = f"{content_hash}:{k}" if content_hash and len(item_runs) > 1 else content_hash
+            slots.append(MediaSlot(offset, emb[row: row + n], key))
+            row += n
+    return slots
+
+
 @dataclass
 class Request:
     request_id: str
