@@ -122,6 +122,32 @@ def test_chunked_prefill_and_prefix_cache_keep_parity(qwen_vl):
     assert engine.kv_blocks_in_use == 0
 
 
+def test_preemption_by_recompute_keeps_parity(qwen_vl):
+    """A KV cache too small for every prompt case at once: the scheduler preempts running requests
+    and recomputes them (prompt at its 3-D positions, the outputs so far at index + delta)."""
+    path, ref = qwen_vl
+    probe = ColocatedEngine(EngineConfig(model=str(path), kv_cache_memory_gb=0.01))
+    length = {name: len(probe.inputs.prepare("x", p, m, SamplingParams()).plan.prompt_token_ids)
+              for name, (p, m) in prompt_cases(request_arch(ref)).items()}
+    longest = max(length, key=length.get)
+    # text and the longest prompt run first, side by side: both prompts fit, both outputs do not
+    order = ["text", longest] + [n for n in length if n not in ("text", longest)]
+    cases = {n: prompt_cases(request_arch(ref))[n] for n in order}
+    blocks = -(-(length[longest] + 40) // 16)
+    engine = ColocatedEngine(EngineConfig(model=str(path), kv_cache_memory_gb=0.01 * blocks / probe.blocks.num_blocks,
+                                          enable_prefix_caching=False))
+    assert engine.blocks.num_blocks == blocks
+    preempted = []
+    preempt = engine.scheduler._preempt
+    engine.scheduler._preempt = lambda req: (preempted.append(req.request_id), preempt(req))
+    greedy = SamplingParams(max_tokens=40, ignore_eos=True)
+    got = engine.generate([(p, m, greedy) for p, m in cases.values()])
+    assert preempted
+    for (name, (p, m)), c in zip(cases.items(), got):
+        assert c.token_ids == ref.greedy(p, m, 40), name
+    assert engine.kv_blocks_in_use == 0
+
+
 def test_loads_the_transformers_5_weight_layout(qwen_vl, tmp_path):
     """The hub's names (visual.*, model.*) as saved, and transformers 5's in-memory names
     (model.visual.*, model.language_model.*): the same weights either way."""
