@@ -190,8 +190,8 @@ class TesseraGrpcClient(BenchClient):
 
     def prepare(self, req: BenchRequest):
         from cluster.client import build_request
-        from cluster.engine.sampling import SamplingParams
-        from models.processor import MediaInput
+        from cluster.request_types import SamplingParams
+        from cluster.request_types import MediaInput
 
         media = [MediaInput(m.data, m.mime_type) for m in req.media]
         parts = [{"type": "media", "index": i} for i in range(len(media))] + [{"type": "text", "text": req.text}]

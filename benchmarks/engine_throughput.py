@@ -102,7 +102,7 @@ def bench_tessera(path: Path, dtype: str, batches: list[int], ids: list[int], pr
                   output_len: int, repeats: int, linear_backend: str = "auto") -> dict:
     from cluster.config import EngineConfig
     from cluster.engine.colocated import ColocatedEngine
-    from cluster.engine.sampling import SamplingParams
+    from cluster.request_types import SamplingParams
 
     engine = ColocatedEngine(EngineConfig(model=str(path), dtype=dtype, max_num_seqs=max(batches),
                                           enable_prefix_caching=False, linear_backend=linear_backend))

@@ -146,7 +146,7 @@ def cmd_make_tiny_model(args) -> int:
 
 
 def media_inputs(args) -> list:
-    from models.processor import MediaInput
+    from cluster.request_types import MediaInput
 
     def read(path: str, kind: str) -> MediaInput:
         suffix = Path(path).suffix.lower().lstrip(".") or "octet-stream"
@@ -157,7 +157,7 @@ def media_inputs(args) -> list:
 
 
 def sampling_params(args):
-    from cluster.engine.sampling import SamplingParams
+    from cluster.request_types import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, stop=tuple(args.stop))
@@ -174,7 +174,7 @@ def cmd_generate(args) -> int:
         return _generate_remote(args)
     from cluster.config import EngineConfig
     from cluster.engine.colocated import ColocatedEngine
-    from cluster.engine.sampling import InvalidRequestError
+    from cluster.request_types import InvalidRequestError
 
     engine = ColocatedEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device))
     prompt = engine.processor.apply_chat_template(chat_messages(args)) if args.chat else args.prompt

@@ -28,8 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.api import tessera_pb2 as pb
 from cluster.api import tessera_pb2_grpc
-from cluster.engine.sampling import SamplingParams
-from models.processor import MediaInput
+from cluster.request_types import MediaInput, SamplingParams
 
 FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
                   pb.FINISH_REASON_ABORT: "abort", pb.FINISH_REASON_ERROR: "error"}

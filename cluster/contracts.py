@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from cluster.engine.sampling import SamplingParams
+from cluster.request_types import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -52,10 +52,10 @@ def _tiny_model(arch: str) -> Path:
 
 def _demo_one(arch: str, config, max_tokens: int, out) -> None:
     from cluster.client import TesseraClient
-    from cluster.engine.sampling import SamplingParams
+    from cluster.request_types import SamplingParams
     from cluster.launch import Cluster
     from models.media_samples import make_test_audio, make_test_image
-    from models.processor import MediaInput
+    from cluster.request_types import MediaInput
     from router.service import BackgroundRouter
 
     kind = MEDIA[arch]

@@ -36,7 +36,8 @@ from cluster.engine.encoder_runner import EncoderRunner
 from cluster.worker_base import BaseWorker
 from encoder_pool.cache import EncoderCache
 from models.loader import load_model
-from models.processor import MediaInput, MultimodalProcessor
+from models.processor import MultimodalProcessor
+from cluster.request_types import MediaInput
 
 
 @dataclass

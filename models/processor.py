@@ -30,10 +30,11 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer
 
+from cluster.request_types import MODALITIES, MediaInput
 from models.encoders import AudioEncoder
 from models.model import QWEN_VL_ARCHITECTURES
 from models.mrope import MRopeSpec, mrope_positions
-from models.video import SampledVideo, VideoError, VideoLimits, decode_video, is_video
+from models.video import SampledVideo, VideoError, VideoLimits, decode_video
 
 
 class MediaError(ValueError):
@@ -67,27 +68,6 @@ class MediaLimits:
                            self.max_video_frames, self.max_video_pixels)
 
 
-@dataclass(frozen=True)
-class MediaInput:
-    """One media item as the client sent it."""
-
-    data: bytes
-    mime_type: str = ""  # "image/png", "audio/wav", "video/mp4", ...; empty: guess from the bytes
-
-    @property
-    def modality(self) -> str:
-        for kind in MODALITIES:
-            if self.mime_type.startswith(kind + "/"):
-                return kind
-        head = self.data[:12]
-        if is_video(head):
-            return "video"
-        if head.startswith((b"RIFF", b"fLaC", b"ID3", b"OggS")) and b"WEBP" not in head:
-            return "audio"
-        return "image"
-
-
-MODALITIES = ("image", "video", "audio")
 # architecture -> the media it takes (the first names the model's placeholder in messages)
 _ARCH_MODALITIES = {"LlavaForConditionalGeneration": ("image",),
                     "Qwen2VLForConditionalGeneration": ("image", "video"),

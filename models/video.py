@@ -19,11 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# magic bytes -> the FFmpeg demuxer that opens them (MP4/MOV; WebM/MKV)
-_CONTAINERS = (
-    (lambda head: head[4:8] == b"ftyp", "mov"),
-    (lambda head: head[:4] == b"\x1a\x45\xdf\xa3", "matroska"),
-)
+from cluster.request_types import video_container
+
 VIDEO_CODECS = ("h264", "hevc", "vp8", "vp9", "av1")
 # the FFmpeg decoders of those codecs (stream.codec_context.codec.name): AV1 decodes with libdav1d
 _DECODERS = frozenset(VIDEO_CODECS) | {"libdav1d", "libvpx", "libvpx-vp9"}
@@ -57,16 +54,12 @@ class SampledVideo:
         return len(self.indices) / self.source_frames * self.source_fps
 
 
-def is_video(head: bytes) -> bool:
-    return any(match(head) for match, _ in _CONTAINERS)
-
-
 def decode_video(data: bytes, limits: VideoLimits, sample_indices) -> SampledVideo:
     """``sample_indices(total_frames, fps) -> list[int]`` picks the frames (the processor's rule).
     Raises VideoError with a message for the client."""
     import av
 
-    demuxer = next((d for match, d in _CONTAINERS if match(data[:12])), None)
+    demuxer = video_container(data[:12])
     if demuxer is None:
         raise VideoError("cannot decode video: the bytes are not an MP4/MOV, WebM or MKV file")
     try:

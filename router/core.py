@@ -52,8 +52,9 @@ from cluster.controller import Controller, PoolWorker
 from cluster.engine.block_manager import NoFreeBlocksError
 from cluster.engine.detokenizer import IncrementalDetokenizer
 from cluster.engine.inputs import InputPreparer, check_chat_size, check_request_id
-from cluster.engine.sampling import InvalidRequestError, SamplingParams
-from models.processor import MediaInput, MultimodalProcessor
+from cluster.request_types import InvalidRequestError, SamplingParams
+from models.processor import MultimodalProcessor
+from cluster.request_types import MediaInput
 from router import policies
 from router.admission import Admission
 from router.decode_sink import DecodeSink

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.engine.sampling import SamplingParams
-from models.processor import MediaInput
+from cluster.request_types import SamplingParams
+from cluster.request_types import MediaInput
 
 
 # -- errors (each maps to one gRPC status / HTTP code) ------------------------------------------

@@ -28,8 +28,8 @@ from cluster.api import tessera_pb2_grpc
 from cluster.config import RouterConfig
 from cluster.controller import ScaleError
 from cluster.engine.inputs import check_chat_size
-from cluster.engine.sampling import InvalidRequestError, SamplingParams
-from models.processor import MediaInput
+from cluster.request_types import InvalidRequestError, SamplingParams
+from cluster.request_types import MediaInput
 from router.auth import AUTH_HEADER, UNAUTHENTICATED_MESSAGE, is_authorized
 from router.core import (DeadlineExceededError, FinalEvent, GenerateInput, OverloadedError, RouterCore,
                          RouterError, TokenEvent)

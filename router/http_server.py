@@ -36,7 +36,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.config import RouterConfig
-from cluster.engine.sampling import InvalidRequestError
+from cluster.request_types import InvalidRequestError
 from router import openai_protocol as oa
 from router.core import (DeadlineExceededError, FinalEvent, GenerateInput, OverloadedError, RequestStream,
                          RouterCore, RouterError, TokenEvent)

@@ -18,7 +18,7 @@ import base64
 import binascii
 from urllib.parse import urlsplit
 
-from models.processor import MediaInput
+from cluster.request_types import MediaInput
 from router.openai_protocol import HTTPError, ImageURLPart, InputAudioPart, MediaPart, VideoURLPart
 
 AUDIO_MIME = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac"}

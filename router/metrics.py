@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
 
-from cluster.engine.sampling import InvalidRequestError
+from cluster.request_types import InvalidRequestError
 from cluster.worker_base import STEP_SECONDS_BUCKETS
 from router.events import DeadlineExceededError, FinalEvent, OverloadedError, RouterError
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.engine.inputs import MAX_CHAT_MESSAGES as MAX_MESSAGES  # the same bounds as gRPC chats
 from cluster.engine.inputs import MAX_CHAT_PARTS as MAX_PARTS_PER_MESSAGE
-from cluster.engine.sampling import SamplingParams
+from cluster.request_types import SamplingParams
 
 MAX_N = 1  # choices per request (n > 1 is not implemented)
 MAX_STOP_LIST = 64  # parse-time bound; SamplingParams enforces the real limit (16)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from cluster.contracts import Reservation
 from cluster.controller import PoolWorker
 from cluster.engine.inputs import PreparedRequest
-from models.processor import MediaInput
+from cluster.request_types import MediaInput
 from router.events import Event, TokenEvent
 
 if TYPE_CHECKING:

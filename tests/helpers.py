@@ -77,9 +77,9 @@ def long_request(request_id: str = "", max_tokens: int = 1000):
     """A one-image request that decodes ``max_tokens`` tokens (ignores EOS): one that is still
     running when a test stops it."""
     from cluster.client import build_request
-    from cluster.engine.sampling import SamplingParams
+    from cluster.request_types import SamplingParams
     from models.media_samples import make_test_image
-    from models.processor import MediaInput
+    from cluster.request_types import MediaInput
 
     return build_request("USER: <image>\nTell me a long story. ASSISTANT:",
                          [MediaInput(make_test_image(5), "image/png")],

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from models.media_samples import make_test_audio, make_test_image, make_test_video
-from models.processor import MediaInput
+from cluster.request_types import MediaInput
 
 IMAGE_PROMPTS = {
     "text": ("The capital of France is a city where", 0),

@@ -40,9 +40,10 @@ import torch
 from PIL import Image
 
 from cluster.client import build_request
-from cluster.engine.sampling import SamplerState, SamplingParams, sample
+from cluster.engine.sampling import SamplerState, sample
+from cluster.request_types import SamplingParams
 from models.media_samples import encode_video, make_test_audio, make_test_image
-from models.processor import MediaInput
+from cluster.request_types import MediaInput
 from tests.helpers import (assert_openai_error, data_uri, reference, reference_engine, wait_until_idle,
                            worker_counters)
 from tests.reference import prompt_cases

@@ -32,7 +32,7 @@ def test_make_tiny_model_then_generate_json_matches_transformers(tmp_path):
     assert result["finish_reason"] == "length" and len(result["token_ids"]) == 12
     assert result["prompt_tokens"] > 256  # the placeholder expanded to the image's tokens
 
-    from models.processor import MediaInput
+    from cluster.request_types import MediaInput
 
     expected = HFReference(model).greedy(prompt, [MediaInput(image.read_bytes(), "image/png")], 12)
     assert result["token_ids"] == expected
@@ -49,3 +49,22 @@ def test_generate_chat_audio_and_bad_input_exit_code(tmp_path, tiny_models):
     bad = tessera("generate", "--model", str(tiny_models["qwen2-audio"]), "--audio", str(clip),
                   "--temperature", "-1", "Hi <|AUDIO|>")
     assert bad.returncode == 2 and "temperature" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_client_commands_import_neither_torch_nor_transformers(tmp_path):
+    """``tessera status|scale|generate --server`` run in a process that never imports torch or
+    transformers (seconds of start-up): a dead address is reported at once, with gRPC's status."""
+    image = tmp_path / "a.png"
+    image.write_bytes(make_test_image(0))
+    script = (
+        "import sys\n"
+        "from cluster.cli import main\n"
+        "codes = [main(args) for args in ([\"status\", \"--server\", \"127.0.0.1:1\"],\n"
+        "         [\"scale\", \"--server\", \"127.0.0.1:1\", \"decode=2\"],\n"
+        f"         [\"generate\", \"--server\", \"127.0.0.1:1\", \"--image\", {str(image)!r}, \"<image> hi\"])]\n"
+        "heavy = sorted(m for m in (\"torch\", \"transformers\", \"numpy\", \"PIL\") if m in sys.modules)\n"
+        "print(codes, heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "[1, 1, 1] []", out.stdout + out.stderr
+    assert out.stderr.count("UNAVAILABLE") == 3

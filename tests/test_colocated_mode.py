@@ -8,7 +8,7 @@ import pytest
 
 from cluster.config import EngineConfig
 from cluster.engine.colocated import ColocatedEngine
-from cluster.engine.sampling import SamplingParams
+from cluster.request_types import SamplingParams
 from tests.conftest import TEST_ENGINE, ServedCluster
 from tests.reference import prompt_cases
 

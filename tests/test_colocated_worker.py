@@ -10,7 +10,7 @@ import ray
 from cluster.colocated_worker import ColocatedWorker
 from cluster.config import EngineConfig, PoolConfig
 from cluster.engine.colocated import ColocatedEngine
-from cluster.engine.sampling import SamplingParams
+from cluster.request_types import SamplingParams
 from cluster.worker_base import start_worker
 from tests.helpers import CollectingSink, open_token_stream
 from tests.reference import prompt_cases

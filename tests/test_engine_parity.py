@@ -7,7 +7,7 @@ import torch
 
 from cluster.config import EngineConfig
 from cluster.engine.colocated import ColocatedEngine
-from cluster.engine.sampling import SamplingParams
+from cluster.request_types import SamplingParams
 from tests.conftest import ARCHS
 from tests.reference import HFReference, prompt_cases
 

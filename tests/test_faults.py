@@ -9,10 +9,10 @@ import pytest
 
 from cluster.config import EngineConfig
 from cluster.engine.colocated import ColocatedEngine
-from cluster.engine.sampling import SamplingParams
+from cluster.request_types import SamplingParams
 from cluster.faults import ENV_VAR, FaultInjector, InjectedFault
 from models.media_samples import make_test_image
-from models.processor import MediaInput
+from cluster.request_types import MediaInput
 
 
 @pytest.fixture

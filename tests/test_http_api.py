@@ -16,9 +16,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.engine.sampling import SamplingParams
+from cluster.request_types import SamplingParams
 from models.media_samples import make_test_audio, make_test_image
-from models.processor import MediaInput
+from cluster.request_types import MediaInput
 from router.media_urls import host_allowed
 from tests.helpers import assert_openai_error, data_uri, wait_until_idle, worker_counters
 

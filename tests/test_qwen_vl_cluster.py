@@ -12,9 +12,9 @@ import pytest
 import ray
 
 from cluster.controller import WorkerState
-from cluster.engine.sampling import SamplingParams
+from cluster.request_types import SamplingParams
 from models.media_samples import make_test_image, make_test_video
-from models.processor import MediaInput
+from cluster.request_types import MediaInput
 from tests.conftest import ServedCluster
 from tests.helpers import data_uri, reference, reference_engine, wait_until_idle
 from tests.reference import prompt_cases

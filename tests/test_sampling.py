@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from cluster.engine.sampling import InvalidRequestError, SamplerState, SamplingParams, sample
+from cluster.engine.sampling import SamplerState, sample
+from cluster.request_types import InvalidRequestError, SamplingParams
 
 
 def test_greedy_is_argmax():

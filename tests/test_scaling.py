@@ -21,10 +21,10 @@ import grpc
 import pytest
 
 from cluster.client import TesseraClient
-from cluster.engine.sampling import SamplingParams
+from cluster.request_types import SamplingParams
 from cluster.controller import WorkerState
 from models.media_samples import make_test_image
-from models.processor import MediaInput
+from cluster.request_types import MediaInput
 from tests.conftest import TEST_ENGINE, ServedCluster
 from tests.helpers import wait_for
 

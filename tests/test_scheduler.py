@@ -2,7 +2,7 @@
 
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.request import Request, RequestStatus
-from cluster.engine.sampling import SamplingParams
+from cluster.request_types import SamplingParams
 from cluster.engine.scheduler import Scheduler, SchedulerConfig
 
 

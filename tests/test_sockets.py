@@ -21,7 +21,7 @@ import pytest
 from cluster.kv_transfer import KVTicket
 from cluster.kv_transfer.testing import CacheSpec, EndpointProcess, KVEndpoint, make_meta
 from models.media_samples import make_test_image
-from models.processor import MediaInput
+from cluster.request_types import MediaInput
 from tests.conftest import TEST_ENGINE
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads listening sockets from /proc")

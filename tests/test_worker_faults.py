@@ -24,9 +24,9 @@ import ray
 
 from cluster.client import TesseraClient
 from cluster.controller import WorkerState
-from cluster.engine.sampling import SamplingParams
+from cluster.request_types import SamplingParams
 from models.media_samples import make_test_image
-from models.processor import MediaInput
+from cluster.request_types import MediaInput
 from tests.conftest import TEST_ENGINE, ServedCluster
 
 pytestmark = pytest.mark.slow

@@ -26,11 +26,12 @@ from cluster.engine.detokenizer import IncrementalDetokenizer
 from cluster.engine.encoder_runner import EncoderRunner
 from cluster.engine.inputs import InputPreparer, PreparedRequest
 from cluster.engine.request import Request, RequestStatus, media_slots
-from cluster.engine.sampling import SamplingParams
+from cluster.request_types import SamplingParams
 from cluster.engine.setup import build_lm_engine, eos_token_ids, resolve_engine_model
 from cluster.faults import FaultInjector
 from models.loader import load_model
-from models.processor import MediaInput, MultimodalProcessor
+from models.processor import MultimodalProcessor
+from cluster.request_types import MediaInput
 
 
 @dataclass

@@ -17,8 +17,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from cluster.engine.sampling import InvalidRequestError, SamplingParams
-from models.processor import DecodedMedia, MediaError, MediaInput, MediaLimits, MultimodalProcessor, TokenPlan
+from cluster.request_types import InvalidRequestError, SamplingParams
+from models.processor import DecodedMedia, MediaError, MediaLimits, MultimodalProcessor, TokenPlan
+from cluster.request_types import MediaInput
 
 
 MAX_CHAT_MESSAGES = 256  # turns in one chat request

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cluster.engine.sampling import SamplerState, SamplingParams
+from cluster.engine.sampling import SamplerState
+from cluster.request_types import SamplingParams
 
 
 class RequestStatus(enum.Enum):
