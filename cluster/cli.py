@@ -32,6 +32,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS until --max-tokens")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template")
+    p.add_argument("--chat-template", default="", metavar="FILE_OR_TEMPLATE",
+                   help="with --chat, in-process: this Jinja template (a file, or the template itself) instead of "
+                        "the model folder's (with --server: the server's)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("prompt", help="raw prompt with the model's placeholders (<image>, <|AUDIO|>), one per media file")
 
@@ -123,6 +126,9 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, default=None, help="HTTP port for the OpenAI-compatible API (default 8000)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="Jinja chat template (a file, or the template itself) for models whose folder has none, "
+                        "or to replace it (engine.chat_template)")
 
 
 def cluster_config(args):
@@ -130,8 +136,8 @@ def cluster_config(args):
     from cluster.config import ClusterConfig
 
     config = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
-    engine = {k: v for k, v in (("model", args.model), ("dtype", args.dtype), ("device", args.device))
-              if v is not None}
+    engine = {k: v for k, v in (("model", args.model), ("dtype", args.dtype), ("device", args.device),
+                                ("chat_template", args.chat_template)) if v is not None}
     router = {k: v for k, v in (("host", args.host), ("grpc_port", args.grpc_port), ("http_port", args.http_port))
               if v is not None}
     return config.with_overrides(engine=engine, router=router)
@@ -176,9 +182,10 @@ def cmd_generate(args) -> int:
     from cluster.engine.colocated import ColocatedEngine
     from cluster.request_types import InvalidRequestError
 
-    engine = ColocatedEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device))
-    prompt = engine.processor.apply_chat_template(chat_messages(args)) if args.chat else args.prompt
+    engine = ColocatedEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+                                          chat_template=args.chat_template))
     try:
+        prompt = engine.inputs.render_chat(chat_messages(args)) if args.chat else args.prompt
         media, sampling = media_inputs(args), sampling_params(args)
         if args.json:
             [c] = engine.generate([(prompt, media, sampling)])

@@ -67,13 +67,18 @@ def sampling_to_proto(s: SamplingParams) -> pb.SamplingParams:
 
 
 def build_request(prompt: str | None = None, media: Sequence[MediaInput] = (), sampling: SamplingParams | None = None,
-                  *, messages: list[dict] | None = None, request_id: str = "",
-                  include_timings: bool = True) -> pb.GenerateRequest:
-    """``messages``: [{"role": str, "content": [{"type": "text", "text": str} | {"type": "media", "index": i}]}]."""
+                  *, messages: list[dict] | None = None, request_id: str = "", include_timings: bool = True,
+                  chat_template: str = "", chat_template_kwargs: dict | None = None) -> pb.GenerateRequest:
+    """``messages``: [{"role": str, "content": [{"type": "text", "text": str} | {"type": "media", "index": i}]}];
+    with them, optionally the request's own ``chat_template`` and ``chat_template_kwargs``."""
     req = pb.GenerateRequest(request_id=request_id, include_stage_timings=include_timings,
                              media=[pb.MediaPart(data=m.data, mime_type=m.mime_type) for m in media],
                              sampling_params=sampling_to_proto(sampling or SamplingParams()))
     if messages is not None:
+        if chat_template:
+            req.messages.chat_template = chat_template
+        if chat_template_kwargs:
+            req.messages.chat_template_kwargs.update(chat_template_kwargs)
         for turn in messages:
             msg = req.messages.messages.add(role=turn["role"])
             for part in turn["content"]:
@@ -181,12 +186,12 @@ class TesseraClient:
 
     def generate(self, prompt: str | None = None, media: Sequence[MediaInput] = (),
                  sampling: SamplingParams | None = None, *, messages: list[dict] | None = None,
-                 request_id: str = "", timeout_s: float | None = None,
-                 on_chunk=None) -> GenerateResult:
+                 request_id: str = "", timeout_s: float | None = None, on_chunk=None,
+                 chat_template: str = "", chat_template_kwargs: dict | None = None) -> GenerateResult:
         """Run one request to the end; ``on_chunk(token_ids, text)`` sees each chunk as it arrives.
         Raises ``grpc.RpcError`` when the call fails before its final message."""
-        request = build_request(prompt, media, sampling, messages=messages,
-                                request_id=request_id or uuid.uuid4().hex)
+        request = build_request(prompt, media, sampling, messages=messages, request_id=request_id or uuid.uuid4().hex,
+                                chat_template=chat_template, chat_template_kwargs=chat_template_kwargs)
         start = time.perf_counter()
         return collect(self.stream(request, timeout_s), start, on_chunk)
 

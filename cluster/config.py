@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from models.processor import MediaLimits
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_CHAT_TEMPLATE_CHARS = 256 * 1024  # a chat template: engine.chat_template or a request's own
 
 
 class _Closed(BaseModel):
@@ -72,7 +73,24 @@ class EngineConfig(_Closed):
         True, description="reuse the KV of full blocks whose tokens and media (by content hash) repeat an earlier "
                           "request's prefix, LRU-evicted when blocks run out (colocated and prefill workers; "
                           "decode workers never use it)")
+    chat_template: str = Field(
+        "", description="Jinja chat template for chat requests: a file's path (read when the config is loaded), or "
+                        "the template itself (text with '{' or a line break); empty: the model folder's")
     limits: LimitsConfig = LimitsConfig()
+
+    @field_validator("chat_template")
+    @classmethod
+    def _load_chat_template(cls, value: str) -> str:
+        """A path that names a file becomes the file's text (vLLM's rule: text with ``{`` or a line
+        break is a template), so every process gets the template itself."""
+        if value and "{" not in value and "\n" not in value:
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise ValueError(f"chat template file {value!r} does not exist (or pass the template itself)")
+            value = path.read_text(encoding="utf-8")
+        if len(value) > MAX_CHAT_TEMPLATE_CHARS:
+            raise ValueError(f"the chat template is {len(value)} characters; at most {MAX_CHAT_TEMPLATE_CHARS}")
+        return value
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -288,6 +306,10 @@ class RouterConfig(_Closed):
         1, ge=0, le=10, description="times a request whose decode worker (or KV transfer) failed after tokens "
                                     "were streamed moves to another decode worker, re-prefilling prompt + tokens "
                                     "so far (greedy output continues exactly); 0: it fails with UNAVAILABLE")
+    trust_request_chat_template: bool = Field(
+        False, description="accept a chat request's own `chat_template` (Jinja, rendered in transformers' sandbox); "
+                           "off: such a request gets INVALID_ARGUMENT / 400. `chat_template_kwargs` are always "
+                           "accepted")
     encoder_affinity_max_queue: int = Field(
         8, ge=0, description="encoder media-hash affinity is skipped when the affine worker has more queued items")
     api_keys: tuple[str, ...] = Field(

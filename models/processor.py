@@ -140,11 +140,17 @@ class MultimodalProcessor:
         # sampling rate of video frames (frames per second the model sees): the processor's, else 2
         self.video_fps = float(getattr(self.video_processor, "fps", None) or 2.0)
         self._preprocess_key = self._preprocessing_fingerprint()
-        # Strings the tokenizer turns into special tokens wherever they appear in a text: BOS/EOS,
-        # chat markers, media placeholders. Chat text must not add any (InputPreparer.render_chat).
+        # Ids chat text can never make (InputPreparer.render_chat): the special tokens (BOS/EOS, chat
+        # markers) and the media placeholders.
         added = self.tokenizer.added_tokens_decoder.values()
-        self.special_tokens = tuple(sorted({t.content for t in added if t.special}
-                                           | set(self.tokenizer.all_special_tokens)))
+        special = {t.content for t in added if t.special} | set(self.tokenizer.all_special_tokens)
+        self.control_token_ids = frozenset(self.tokenizer.convert_tokens_to_ids(sorted(special))) | {
+            pid for _, pid in self.placeholders.values()}
+        # what tokenizing a raw prompt adds around its text (a BOS, ...): chat prompts get the same
+        with_specials = self.tokenizer("a")["input_ids"]
+        bare = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        i = next(i for i in range(len(with_specials) - len(bare) + 1) if with_specials[i: i + len(bare)] == bare)
+        self._prompt_prefix, self._prompt_suffix = with_specials[:i], with_specials[i + len(bare):]
 
     # -- router side -------------------------------------------------------------------------
     @property
@@ -265,12 +271,30 @@ class MultimodalProcessor:
         frames = min(math.ceil(num_samples / fe.hop_length), fe.nb_max_frames)
         return int(AudioEncoder.output_lengths(torch.tensor(frames))[1])
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
-        target = self.hf_processor or self.tokenizer
-        return target.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    @property
+    def chat_template(self) -> str | None:
+        """The model folder's chat template, if it has one."""
+        return getattr(self.hf_processor or self.tokenizer, "chat_template", None) or None
 
-    def build_token_plan(self, prompt: str, media: list[DecodedMedia]) -> TokenPlan:
-        ids = self.tokenizer(prompt)["input_ids"]
+    def tokenize_chat(self, messages: list[dict], template: str, **kwargs) -> list[int]:
+        """Token ids of ``messages`` rendered by ``template`` with the generation prompt, control
+        tokens inside the messages and ``kwargs`` encoded as text (transformers'
+        ``sanitize_control_tokens``), framed as a raw prompt's tokenization frames its text."""
+        ids = self.tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                                 tokenize=True, return_dict=False, sanitize_control_tokens=True,
+                                                 **kwargs)
+        return self._prompt_prefix + list(ids) + self._prompt_suffix
+
+    def apply_chat_template(self, messages: list[dict], template: str | None = None, **kwargs) -> str:
+        """``messages`` rendered by ``template`` (default: the folder's), with the generation prompt;
+        ``kwargs`` reach the template as variables (``chat_template_kwargs``)."""
+        target = self.hf_processor or self.tokenizer
+        return target.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                          tokenize=False, **kwargs)
+
+    def build_token_plan(self, prompt: str | list[int], media: list[DecodedMedia]) -> TokenPlan:
+        """``prompt``: raw text (tokenized here, its placeholders parsed) or token ids."""
+        ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
         if not self.placeholders:
             if media:
                 raise MediaError("this model is text-only; remove the media items")

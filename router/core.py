@@ -51,7 +51,7 @@ from cluster.autoscaler import LatencyWindow
 from cluster.controller import Controller, PoolWorker
 from cluster.engine.block_manager import NoFreeBlocksError
 from cluster.engine.detokenizer import IncrementalDetokenizer
-from cluster.engine.inputs import InputPreparer, check_chat_size, check_request_id
+from cluster.engine.inputs import InputPreparer, PreparedRequest, check_chat_size, check_request_id
 from cluster.request_types import InvalidRequestError, SamplingParams
 from models.processor import MultimodalProcessor
 from cluster.request_types import MediaInput
@@ -92,7 +92,9 @@ class RouterCore:
         num_blocks = min(caches) if caches else 1 << 30
         self.max_model_len = resolve_max_model_len(config.engine, self.hf_config.get_text_config(), num_blocks)
         limits = config.engine.limits
-        self.preparer = InputPreparer(self.processor, limits.media(), self.max_model_len, limits.max_tokens)
+        self.preparer = InputPreparer(self.processor, limits.media(), self.max_model_len, limits.max_tokens,
+                                      chat_template=config.engine.chat_template or None,
+                                      trust_request_chat_template=config.router.trust_request_chat_template)
         self.admission = Admission(config.router.max_inflight_requests, config.router.max_queued_requests)
         self.metrics = RouterMetrics(controller, self.admission)  # every request's outcome and timings
         self.latency = LatencyWindow()  # recent TTFT / TPOT, read by the autoscaler
@@ -110,8 +112,7 @@ class RouterCore:
         request_id = inp.request_id or uuid.uuid4().hex
         try:
             self._check_new_id(request_id)
-            prompt, media = self._render(inp)
-            prepared = await asyncio.to_thread(self.preparer.prepare, request_id, prompt, media, inp.sampling)
+            prepared, media = await asyncio.to_thread(self._prepare, request_id, inp)  # tokenizing: off the loop
             self._check_new_id(request_id)  # a same-id request may have started during preparation
         except InvalidRequestError as exc:
             self.metrics.observe_request(None, exc)
@@ -192,8 +193,12 @@ class RouterCore:
         return not self._requests and not self._closing and not self._background
 
     # -- preparation -------------------------------------------------------------------------
-    def _render(self, inp: GenerateInput) -> tuple[str, list[MediaInput]]:
-        """The prompt string and the media in placeholder order."""
+    def _prepare(self, request_id: str, inp: GenerateInput) -> tuple[PreparedRequest, list[MediaInput]]:
+        prompt, media = self._render(inp)
+        return self.preparer.prepare(request_id, prompt, media, inp.sampling), media
+
+    def _render(self, inp: GenerateInput) -> tuple[str | list[int], list[MediaInput]]:
+        """The prompt (raw text, or a chat's token ids) and the media in placeholder order."""
         if (inp.prompt is None) == (inp.messages is None):
             raise InvalidRequestError("set exactly one of `prompt` and `messages`")
         if inp.prompt is not None:
@@ -223,7 +228,7 @@ class RouterCore:
         if len(used) != len(inp.media):
             unused = sorted(set(range(len(inp.media))) - set(used))
             raise InvalidRequestError(f"media item(s) {unused} are not referenced by any message")
-        prompt = self.preparer.render_chat(turns)  # roles, and no special token typed into the text
+        prompt = self.preparer.render_chat(turns, inp.chat_template, inp.chat_template_kwargs)
         return prompt, [inp.media[i] for i in used]
 
     # -- stopping ----------------------------------------------------------------------------

@@ -37,6 +37,8 @@ class GenerateInput:
     messages: list[dict[str, Any]] | None = None
     media: list[MediaInput] = field(default_factory=list)  # in placeholder order (prompt) / by index (messages)
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    chat_template: str | None = None  # messages: the request's own template (router.trust_request_chat_template)
+    chat_template_kwargs: dict[str, Any] | None = None  # messages: extra variables for the template
     request_id: str = ""  # empty: the core picks one
     timeout_s: float | None = None  # client deadline, seconds from now; None: the router's default
 

@@ -20,6 +20,7 @@ import logging
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -87,8 +88,11 @@ def input_from_proto(req: pb.GenerateRequest, default_max_tokens: int, timeout_s
     which = req.WhichOneof("input")
     if which is None:
         raise InvalidRequestError("set `prompt` or `messages`")
-    messages = None
+    messages, template, template_kwargs = None, None, None
     if which == "messages":
+        template = req.messages.chat_template or None
+        if req.messages.HasField("chat_template_kwargs"):
+            template_kwargs = json_format.MessageToDict(req.messages.chat_template_kwargs)
         turns = req.messages.messages
         check_chat_size(len(turns), max((len(m.content) for m in turns), default=0))  # before walking it
         messages = []
@@ -110,6 +114,8 @@ def input_from_proto(req: pb.GenerateRequest, default_max_tokens: int, timeout_s
         sampling=sampling_from_proto(req.sampling_params, default_max_tokens),
         request_id=req.request_id,
         timeout_s=timeout_s,
+        chat_template=template,
+        chat_template_kwargs=template_kwargs,
     )
 
 

@@ -188,7 +188,8 @@ class OpenAIApp:
         media = [await self.media.resolve(part, param) for param, part in parts]
         rid = uuid.uuid4().hex
         inp = GenerateInput(messages=turns, media=media, sampling=req.sampling(self.default_max_tokens),
-                            request_id=rid)
+                            request_id=rid, chat_template=req.chat_template,
+                            chat_template_kwargs=req.chat_template_kwargs)
         return await self._generate(request, inp, req, _ChatShape(rid, model))
 
     async def completions(self, request: Request) -> Response:

@@ -153,6 +153,10 @@ class _GenerationRequest(_Tolerant):
 class ChatCompletionRequest(_GenerationRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: int | None = None  # the newer name of max_tokens; wins when both are set
+    # vLLM's extensions: this request's own Jinja template (router.trust_request_chat_template) and
+    # extra template variables (e.g. {"enable_thinking": false}); bounded by InputPreparer
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

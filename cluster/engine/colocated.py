@@ -76,7 +76,7 @@ class ColocatedEngine:
             lm.runner, lm.blocks, lm.scheduler, lm.max_model_len)
         self.encoder = EncoderRunner(self.model, self.processor, config.device)
         self.inputs = InputPreparer(self.processor, config.limits.media(), self.max_model_len,
-                                    config.limits.max_tokens)
+                                    config.limits.max_tokens, chat_template=config.chat_template or None)
         self._to_encode: list[PreparedRequest] = []
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
