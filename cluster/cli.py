@@ -31,6 +31,11 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS until --max-tokens")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="[-2, 2]; 0 is off")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="[-2, 2]; 0 is off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0; 1 is off")
+    p.add_argument("--min-p", type=float, default=0.0, help="[0, 1]; 0 is off")
+    p.add_argument("--min-tokens", type=int, default=0, help="no EOS or stop before this many tokens")
     p.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template")
     p.add_argument("--chat-template", default="", metavar="FILE_OR_TEMPLATE",
                    help="with --chat, in-process: this Jinja template (a file, or the template itself) instead of "
@@ -166,7 +171,9 @@ def sampling_params(args):
     from cluster.request_types import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, stop=tuple(args.stop))
+                          top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, stop=tuple(args.stop),
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          repetition_penalty=args.repetition_penalty, min_p=args.min_p, min_tokens=args.min_tokens)
 
 
 def chat_messages(args) -> list[dict]:

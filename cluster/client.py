@@ -60,7 +60,9 @@ class GenerateResult:
 
 def sampling_to_proto(s: SamplingParams) -> pb.SamplingParams:
     out = pb.SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                            ignore_eos=s.ignore_eos, stop=list(s.stop), stop_token_ids=list(s.stop_token_ids))
+                            ignore_eos=s.ignore_eos, stop=list(s.stop), stop_token_ids=list(s.stop_token_ids),
+                            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+                            repetition_penalty=s.repetition_penalty, min_p=s.min_p, min_tokens=s.min_tokens)
     if s.seed is not None:
         out.seed = s.seed
     return out

@@ -54,6 +54,9 @@ class PrefillRequest:
     # the delta of every later token (position = index + delta). None / 0: positions are indices.
     mrope_positions: torch.Tensor | None = None
     position_delta: int = 0
+    # a re-prefill after migration: the last num_sent_tokens of prompt_token_ids are outputs the
+    # client has (penalties and min_tokens count them as output)
+    num_sent_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class DecodeRequest:
     stream_id: str = ""
     # M-RoPE models: PrefillRequest.position_delta; decode token i sits at position i + delta
     position_delta: int = 0
+    num_sent_tokens: int = 0  # PrefillRequest.num_sent_tokens
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,22 @@ class SamplingParams:
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    # vLLM's penalties (greedy rows too): presence / frequency subtract per output token seen
+    # (once / per occurrence); repetition divides a seen token's positive logit (multiplies a
+    # negative one), seen in the prompt or the output; 0 / 0 / 1 are off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0  # sampled rows: drop tokens below min_p x the top token's probability
+    min_tokens: int = 0  # no EOS or stop token id (and no stop string) before this many tokens
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature < MIN_SAMPLING_TEMPERATURE
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     def validate(self, max_tokens_limit: int, vocab_size: int) -> "SamplingParams":
         """Raise ``InvalidRequestError`` with a message a user can act on; return self."""
@@ -56,6 +68,16 @@ class SamplingParams:
             bad(f"top_k must be in [0, {vocab_size}] (0 disables it), got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             bad(f"seed must be in [0, 2^63), got {self.seed}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or not -2.0 <= value <= 2.0:
+                bad(f"{name} must be in [-2, 2], got {value!r}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            bad(f"repetition_penalty must be a finite number > 0 (1 disables it), got {self.repetition_penalty!r}")
+        if not math.isfinite(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            bad(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            bad(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
             bad(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
         for s in self.stop:

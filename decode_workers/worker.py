@@ -301,7 +301,7 @@ class DecodeWorker(BaseWorker):
             prompt = [0] * request.num_prompt_tokens
         req = Request(request.request_id, prompt, request.sampling, eos_token_ids=frozenset(request.eos_token_ids),
                       output_token_ids=[request.first_token], num_computed_tokens=request.num_prompt_tokens,
-                      position_delta=request.position_delta)
+                      position_delta=request.position_delta, num_sent_tokens=request.num_sent_tokens)
         if request.sampler_state is not None and req.sampler.generator is not None:
             req.sampler.generator.set_state(torch.frombuffer(bytearray(request.sampler_state), dtype=torch.uint8))
         return req

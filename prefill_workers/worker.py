@@ -206,7 +206,7 @@ class PrefillWorker(BaseWorker):
         slots = media_slots(request.media_runs, embeddings, hashes, self.device)
         return Request(request.request_id, list(request.prompt_token_ids), request.sampling, slots,
                        frozenset(request.eos_token_ids), mrope_positions=request.mrope_positions,
-                       position_delta=request.position_delta)
+                       position_delta=request.position_delta, num_sent_tokens=request.num_sent_tokens)
 
     def _on_loop_crash(self) -> None:
         for future in self._first_token.values():

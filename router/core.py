@@ -52,9 +52,8 @@ from cluster.controller import Controller, PoolWorker
 from cluster.engine.block_manager import NoFreeBlocksError
 from cluster.engine.detokenizer import IncrementalDetokenizer
 from cluster.engine.inputs import InputPreparer, PreparedRequest, check_chat_size, check_request_id
-from cluster.request_types import InvalidRequestError, SamplingParams
+from cluster.request_types import InvalidRequestError, MediaInput, SamplingParams
 from models.processor import MultimodalProcessor
-from cluster.request_types import MediaInput
 from router import policies
 from router.admission import Admission
 from router.decode_sink import DecodeSink
@@ -290,7 +289,8 @@ class RouterCore:
     async def _run_stages(self, st: RequestState, t: dict, tokens: list[int], emit) -> tuple[str, str]:
         if self.config.mode == "colocated":
             return await self._run_colocated(st, t, tokens, emit)
-        detok = IncrementalDetokenizer(self.tokenizer, st.prepared.sampling.stop)
+        detok = IncrementalDetokenizer(self.tokenizer, st.prepared.sampling.stop,
+                                       min_tokens=st.prepared.sampling.min_tokens)
         if st.prepared.media:
             self._encode(st, t)
         while True:
@@ -333,7 +333,7 @@ class RouterCore:
         self._account(st, prefill, "inflight_requests", 1)
         request = PrefillRequest(st.request_id, prompt, list(plan.media_runs), sampling, self.eos_token_ids,
                                  [d.content_hash for d in st.prepared.media], plan.mrope_positions,
-                                 plan.position_delta)
+                                 plan.position_delta, len(tokens))
         t.setdefault("prefill", time.monotonic())
         st.prefill_gen = prefill.actor.prefill.options(num_returns="streaming").remote(
             request, st.encode_ref, st.reservation)
@@ -358,7 +358,7 @@ class RouterCore:
         sink = self._open_sink(st, t, decode, detok, tokens, emit)
         await self._call(decode, decode.actor.generate.remote(DecodeRequest(
             st.request_id, num_prompt, prompt, first.token_id, sampling, self.eos_token_ids, first.sampler_state,
-            self.streams.stream_id, plan.position_delta)))
+            self.streams.stream_id, plan.position_delta, len(tokens))))
         return await sink.done
 
     # -- worker failures: retry, migrate, or fail --------------------------------------------
@@ -439,7 +439,8 @@ class RouterCore:
         st.decode_worker = worker
         await self._call(worker, self.streams.ensure(worker))
         t["prefill"] = time.monotonic()
-        detok = IncrementalDetokenizer(self.tokenizer, st.prepared.sampling.stop)
+        detok = IncrementalDetokenizer(self.tokenizer, st.prepared.sampling.stop,
+                                       min_tokens=st.prepared.sampling.min_tokens)
         sink = self._open_sink(st, t, worker, detok, tokens, emit)
         await self._call(worker, worker.actor.generate.remote(st.prepared, self.streams.stream_id))
         return await sink.done

@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.request_types import SamplingParams
-from cluster.request_types import MediaInput
+from cluster.request_types import MediaInput, SamplingParams
 
 
 # -- errors (each maps to one gRPC status / HTTP code) ------------------------------------------

@@ -29,8 +29,7 @@ from cluster.api import tessera_pb2_grpc
 from cluster.config import RouterConfig
 from cluster.controller import ScaleError
 from cluster.engine.inputs import check_chat_size
-from cluster.request_types import InvalidRequestError, SamplingParams
-from cluster.request_types import MediaInput
+from cluster.request_types import InvalidRequestError, MediaInput, SamplingParams
 from router.auth import AUTH_HEADER, UNAUTHENTICATED_MESSAGE, is_authorized
 from router.core import (DeadlineExceededError, FinalEvent, GenerateInput, OverloadedError, RouterCore,
                          RouterError, TokenEvent)
@@ -81,6 +80,11 @@ def sampling_from_proto(sp: pb.SamplingParams, default_max_tokens: int) -> Sampl
         ignore_eos=sp.ignore_eos,
         stop=tuple(sp.stop),
         stop_token_ids=tuple(sp.stop_token_ids),
+        presence_penalty=sp.presence_penalty,
+        frequency_penalty=sp.frequency_penalty,
+        repetition_penalty=sp.repetition_penalty if sp.HasField("repetition_penalty") else 1.0,
+        min_p=sp.min_p,
+        min_tokens=sp.min_tokens,
     )
 
 

@@ -113,12 +113,17 @@ class _GenerationRequest(_Tolerant):
     top_k: int | None = None
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP_LIST)] | None = None
+    presence_penalty: float | None = None  # OpenAI's; the rest are vLLM's
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    min_tokens: int = 0
 
     # key -> the values that are fine (absent or these); anything else is a feature we do not have.
     UNSUPPORTED: ClassVar[dict[str, tuple]] = {
         "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
         "logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}),
-        "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "best_of": (None, 1),
+        "best_of": (None, 1),
         "echo": (None, False), "suffix": (None, ""), "response_format": (None, {"type": "text"}),
         "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
     }
@@ -140,7 +145,10 @@ class _GenerationRequest(_Tolerant):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0, seed=self.seed, ignore_eos=self.ignore_eos, stop=stop,
-            stop_token_ids=tuple(self.stop_token_ids or ()))
+            stop_token_ids=tuple(self.stop_token_ids or ()), presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            min_p=self.min_p or 0.0, min_tokens=self.min_tokens)
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens

@@ -99,6 +99,13 @@ class HFReference:
         return out[0, inputs["input_ids"].shape[1]:].tolist()
 
     @torch.no_grad()
+    def greedy_with(self, prompt: str, media: list[MediaInput], max_new_tokens: int, **generate_kwargs) -> list[int]:
+        """Greedy ``generate`` with extra logits processors' kwargs (repetition_penalty, ...)."""
+        inputs = self.inputs(prompt, media)
+        out = self.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, **generate_kwargs)
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+    @torch.no_grad()
     def prefill_logits(self, prompt: str, media: list[MediaInput]) -> torch.Tensor:
         return self.model(**self.inputs(prompt, media)).logits[0, -1].float()
 

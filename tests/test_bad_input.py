@@ -42,9 +42,8 @@ from PIL import Image
 
 from cluster.client import build_request
 from cluster.engine.sampling import SamplerState, sample
-from cluster.request_types import SamplingParams
+from cluster.request_types import MediaInput, SamplingParams
 from models.media_samples import encode_video, make_test_audio, make_test_image
-from cluster.request_types import MediaInput
 from tests.helpers import (assert_openai_error, data_uri, reference, reference_engine, wait_until_idle,
                            worker_counters)
 from tests.reference import prompt_cases
@@ -254,6 +253,11 @@ def bad_image_requests(stack) -> dict[str, tuple[object, str]]:
         "top_p zero": (params(top_p=0.0), "top_p"),
         "top_p over 1": (params(top_p=1.5), "top_p"),
         "top_p nan": (params(top_p=float("nan")), "top_p"),
+        "presence_penalty 3": (params(presence_penalty=3.0), "presence_penalty must be in [-2, 2]"),
+        "frequency_penalty nan": (params(frequency_penalty=float("nan")), "frequency_penalty"),
+        "repetition_penalty 0": (params(repetition_penalty=0.0), "repetition_penalty"),
+        "min_p over 1": (params(min_p=1.5), "min_p"),
+        "min_tokens over max_tokens": (params(min_tokens=5, max_tokens=2), "min_tokens must be in [0, max_tokens=2]"),
         "max_tokens over the limit": (params(max_tokens=100_000), "max_tokens"),
         "17 stop strings": (params(stop=tuple(f"s{i}" for i in range(17))), "stop strings"),
         "stop string of 257 chars": (params(stop=("x" * 257,)), "stop strings"),

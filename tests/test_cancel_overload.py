@@ -38,9 +38,8 @@ from cluster.api import tessera_pb2 as pb
 from cluster.client import FINISH_REASONS, TesseraClient, build_request
 from cluster.contracts import EncodeItem
 from cluster.controller import WorkerState
-from cluster.request_types import SamplingParams
+from cluster.request_types import MediaInput, SamplingParams
 from models.media_samples import make_test_image
-from cluster.request_types import MediaInput
 from tests.helpers import decode_finished, long_request, wait_for, wait_until_clean
 
 ARCH = "llava-clip-llama"

@@ -20,9 +20,8 @@ import pytest
 
 from cluster.api import tessera_pb2 as pb
 from cluster.client import build_request, collect
-from cluster.request_types import SamplingParams
+from cluster.request_types import MediaInput, SamplingParams
 from models.media_samples import make_test_audio, make_test_image
-from cluster.request_types import MediaInput
 from tests.helpers import (decode_finished, long_request, reference, reference_engine, wait_until_idle,
                            worker_counters)
 from tests.reference import prompt_cases

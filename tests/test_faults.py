@@ -9,10 +9,9 @@ import pytest
 
 from cluster.config import EngineConfig
 from cluster.engine.colocated import ColocatedEngine
-from cluster.request_types import SamplingParams
+from cluster.request_types import MediaInput, SamplingParams
 from cluster.faults import ENV_VAR, FaultInjector, InjectedFault
 from models.media_samples import make_test_image
-from cluster.request_types import MediaInput
 
 
 @pytest.fixture

@@ -16,9 +16,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.request_types import SamplingParams
+from cluster.request_types import MediaInput, SamplingParams
 from models.media_samples import make_test_audio, make_test_image
-from cluster.request_types import MediaInput
 from router.media_urls import host_allowed
 from tests.helpers import assert_openai_error, data_uri, wait_until_idle, worker_counters
 
@@ -120,6 +119,29 @@ def test_openai_client_streams_an_image_chat_equal_to_grpc(served_cluster):
         max_completion_tokens=16)
     assert full.choices[0].message.content == want.text and full.choices[0].finish_reason == want.finish_reason
     assert full.usage.completion_tokens == len(want.token_ids)
+
+
+def test_penalties_min_p_and_min_tokens_over_http_and_grpc_equal_the_engine(served_cluster, tiny_models):
+    """vLLM's sampling extensions through both front doors, the official client sending OpenAI's
+    two penalties and vLLM's three in extra_body: the same tokens as the in-process engine."""
+    from tests.helpers import reference, reference_engine
+
+    stack = served_cluster("llava-clip-llama")
+    engine = reference_engine("llava-clip-llama", tiny_models["llava-clip-llama"])
+    prompt = "Once upon a time, in a land far away"
+    params = SamplingParams(max_tokens=48, ignore_eos=True, presence_penalty=1.0, frequency_penalty=2.0,
+                            repetition_penalty=1.3, min_p=0.1, min_tokens=8)
+    [want] = reference(engine, [(prompt, [], params)])
+    [plain] = reference(engine, [(prompt, [], SamplingParams(max_tokens=48, ignore_eos=True))])
+    assert want.token_ids != plain.token_ids  # the penalties changed the output
+    assert stack.client.generate(prompt, [], params).token_ids == want.token_ids
+    got = openai_client(stack).completions.create(
+        model=model_name(stack), prompt=prompt, max_tokens=48, temperature=0, presence_penalty=1.0,
+        frequency_penalty=2.0, extra_body={"repetition_penalty": 1.3, "min_p": 0.1, "min_tokens": 8,
+                                           "ignore_eos": True})
+    assert got.choices[0].text == want.text and got.usage.completion_tokens == 48
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty must be in"):
+        openai_client(stack).completions.create(model=model_name(stack), prompt=prompt, frequency_penalty=3.0)
 
 
 @pytest.mark.slow

@@ -10,9 +10,8 @@ from cluster.config import EngineConfig
 from cluster.engine.block_hash import extend_block_hashes, hash_block
 from cluster.engine.colocated import ColocatedEngine
 from cluster.engine.request import MediaSlot, Request
-from cluster.request_types import SamplingParams
+from cluster.request_types import MediaInput, SamplingParams
 from models.media_samples import make_test_audio, make_test_image
-from cluster.request_types import MediaInput
 
 BLOCK = 16
 NUM_TOKENS = 12

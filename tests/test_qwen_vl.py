@@ -13,11 +13,10 @@ from safetensors.torch import load_file, save_file
 
 from cluster.config import EngineConfig
 from cluster.engine.colocated import ColocatedEngine
-from cluster.request_types import SamplingParams
+from cluster.request_types import MediaInput, SamplingParams
 from models.loader import load_model
 from models.media_samples import make_test_image
 from models.mrope import MRopeSpec, mrope_positions, step_positions
-from cluster.request_types import MediaInput
 from tests.reference import HFReference, prompt_cases
 
 

@@ -12,9 +12,8 @@ import pytest
 import ray
 
 from cluster.controller import WorkerState
-from cluster.request_types import SamplingParams
+from cluster.request_types import MediaInput, SamplingParams
 from models.media_samples import make_test_image, make_test_video
-from cluster.request_types import MediaInput
 from tests.conftest import ServedCluster
 from tests.helpers import data_uri, reference, reference_engine, wait_until_idle
 from tests.reference import prompt_cases

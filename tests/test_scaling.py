@@ -21,10 +21,9 @@ import grpc
 import pytest
 
 from cluster.client import TesseraClient
-from cluster.request_types import SamplingParams
+from cluster.request_types import MediaInput, SamplingParams
 from cluster.controller import WorkerState
 from models.media_samples import make_test_image
-from cluster.request_types import MediaInput
 from tests.conftest import TEST_ENGINE, ServedCluster
 from tests.helpers import wait_for
 

@@ -18,9 +18,8 @@ from cluster.api import tessera_pb2 as pb
 from cluster.api import tessera_pb2_grpc
 from cluster.client import ClientTLS, TesseraClient
 from cluster.config import ClusterConfig, RouterConfig
-from cluster.request_types import SamplingParams
+from cluster.request_types import MediaInput, SamplingParams
 from models.media_samples import make_test_image
-from cluster.request_types import MediaInput
 from router.tls import ServerTLS, TLSConfigError
 from tests.conftest import ServedCluster
 from tests.reference import HFReference

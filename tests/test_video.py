@@ -13,10 +13,9 @@ import torch
 
 from cluster.config import EngineConfig, LimitsConfig
 from cluster.engine.colocated import ColocatedEngine
-from cluster.request_types import InvalidRequestError, SamplingParams
+from cluster.request_types import InvalidRequestError, MediaInput, SamplingParams
 from models.media_samples import make_test_image, make_test_video
 from models.processor import MediaLimits, MultimodalProcessor
-from cluster.request_types import MediaInput
 from tests.reference import QWEN_VL_IMAGE, QWEN_VL_VIDEO, HFReference, _load_video
 from tests.test_cli import tessera
 

@@ -24,9 +24,8 @@ import ray
 
 from cluster.client import TesseraClient
 from cluster.controller import WorkerState
-from cluster.request_types import SamplingParams
+from cluster.request_types import MediaInput, SamplingParams
 from models.media_samples import make_test_image
-from cluster.request_types import MediaInput
 from tests.conftest import TEST_ENGINE, ServedCluster
 
 pytestmark = pytest.mark.slow
@@ -163,6 +162,25 @@ def test_forward_exception_in_decode_is_migrated_and_the_worker_keeps_serving(st
     assert retries(stack, "decode") > before
     ids = {w.worker_id for w in workers(stack, "decode")}
     assert len(ids) == 2  # nobody was replaced: one failed step is not a broken worker
+    wait_until_idle(stack)
+
+
+def test_a_migrated_request_counts_the_tokens_sent_as_output(stack, engine):
+    """min_tokens (and the penalties) count a re-prefill's sent tokens as output, not prompt
+    (``num_sent_tokens``): a stop token held back for 20 tokens ends the output where the run
+    without a failure ends it when the decode step fails 5 tokens in (the test fails when the
+    router drops num_sent_tokens)."""
+    story = "Once upon a time, in a land far away"
+    [plain] = expected_tokens(engine, [(story, [], SamplingParams(max_tokens=24, ignore_eos=True))])
+    stop = plain[21]
+    assert stop not in plain[:21]
+    held = SamplingParams(max_tokens=30, ignore_eos=True, stop_token_ids=(stop,), min_tokens=20,
+                          frequency_penalty=0.5)
+    [want] = expected_tokens(engine, [(story, [], held)])
+    before = retries(stack, "decode")
+    arm(workers(stack, "decode")[0], "forward", skip=5)
+    assert stack.client.generate(story, [], held).token_ids == want
+    assert retries(stack, "decode") > before
     wait_until_idle(stack)
 
 

@@ -27,13 +27,12 @@ from cluster.contracts import (
     Reservation,
 )
 from cluster.engine.colocated import ColocatedEngine
-from cluster.request_types import SamplingParams
+from cluster.request_types import MediaInput, SamplingParams
 from cluster.worker_base import start_worker
 from decode_workers.worker import DecodeWorker
 from encoder_pool.cache import EncoderCache
 from encoder_pool.worker import EncoderWorker
 from models.media_samples import make_test_audio, make_test_image
-from cluster.request_types import MediaInput
 from prefill_workers.worker import PrefillWorker
 from tests.helpers import CollectingSink, open_token_stream
 

@@ -26,12 +26,11 @@ from cluster.engine.detokenizer import IncrementalDetokenizer
 from cluster.engine.encoder_runner import EncoderRunner
 from cluster.engine.inputs import InputPreparer, PreparedRequest
 from cluster.engine.request import Request, RequestStatus, media_slots
-from cluster.request_types import SamplingParams
+from cluster.request_types import MediaInput, SamplingParams
 from cluster.engine.setup import build_lm_engine, eos_token_ids, resolve_engine_model
 from cluster.faults import FaultInjector
 from models.loader import load_model
 from models.processor import MultimodalProcessor
-from cluster.request_types import MediaInput
 
 
 @dataclass
@@ -159,7 +158,8 @@ class ColocatedEngine:
             req = Request(p.request_id, p.plan.prompt_token_ids, p.sampling, slots, self.eos_token_ids,
                           mrope_positions=p.plan.mrope_positions, position_delta=p.plan.position_delta)
             self._requests[req.request_id] = req
-            self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, p.sampling.stop)
+            self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, p.sampling.stop,
+                                                               min_tokens=p.sampling.min_tokens)
             self.scheduler.add(req)
 
     def _postprocess(self, requests: list[Request], num_new: list[int], tokens: list[int | None]):

@@ -58,8 +58,9 @@ def _decoder(tokenizer, skip_special_tokens: bool):
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: tuple[str, ...] = (), skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), skip_special_tokens: bool = True, min_tokens: int = 0):
         self.stop = stop
+        self.min_tokens = min_tokens  # no stop string ends the output before this many tokens (vLLM)
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self._decoder = _decoder(tokenizer, skip_special_tokens)
         self._unsent = ""  # text produced and not yet returned by ``take``
@@ -77,7 +78,7 @@ class IncrementalDetokenizer:
                 continue
             search_from = max(0, len(self._unsent) - self.holdback)  # a match must end in the new piece
             self._unsent += piece
-            if self.stop:
+            if self.stop and self.num_tokens >= self.min_tokens:
                 self._match_stop(search_from)
 
     def _match_stop(self, search_from: int) -> None:

@@ -21,9 +21,8 @@ import re
 from dataclasses import dataclass
 
 from cluster.config import MAX_CHAT_TEMPLATE_CHARS
-from cluster.request_types import InvalidRequestError, SamplingParams
+from cluster.request_types import InvalidRequestError, MediaInput, SamplingParams
 from models.processor import DecodedMedia, MediaError, MediaLimits, MultimodalProcessor, TokenPlan
-from cluster.request_types import MediaInput
 
 
 MAX_CHAT_MESSAGES = 256  # turns in one chat request

@@ -57,18 +57,19 @@ class ModelRunner:
         hidden = self.lm(embeds, meta, self.kv_cache, positions, deepstack)  # [T, hidden]
 
         # Sample only for requests whose step covered all their tokens.
-        last_rows, samplers, sampled_idx = [], [], []
+        last_rows, samplers, histories, sampled_idx = [], [], [], []
         row = 0
         for i, (req, s, e) in enumerate(zip(batch.requests, starts, ends)):
             row += e - s
             if e == req.num_tokens:
                 last_rows.append(row - 1)
                 samplers.append(req.sampler)
+                histories.append(req.history())
                 sampled_idx.append(i)
         out: list[int | None] = [None] * len(batch)
         if last_rows:
             logits = self.lm.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
-            for i, tok in zip(sampled_idx, sample(logits, samplers)):
+            for i, tok in zip(sampled_idx, sample(logits, samplers, histories)):
                 out[i] = tok
         return out
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cluster.engine.sampling import SamplerState
+from cluster.engine.sampling import History, SamplerState
 from cluster.request_types import SamplingParams
 
 
@@ -91,6 +91,9 @@ class Request:
     # (position = index + delta; models/mrope.py). None: positions are the token indices.
     mrope_positions: torch.Tensor | None = None
     position_delta: int = 0
+    # outputs of an earlier attempt at the end of prompt_token_ids (a re-prefill after a
+    # migration): penalties and min_tokens count them as output
+    num_sent_tokens: int = 0
     block_hashes: list[bytes] = field(default_factory=list)  # chain hash per full block (block_hash.py)
     num_registered_blocks: int = 0  # leading block_ids offered to the prefix cache so far
     status: RequestStatus = RequestStatus.WAITING
@@ -105,6 +108,16 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    def history(self) -> History | None:
+        """The sampler's view of this request's tokens where its params need one (penalties,
+        ``min_tokens``): O(length), only for those requests."""
+        p = self.sampling
+        if not p.has_penalties and len(self.output_token_ids) + self.num_sent_tokens >= p.min_tokens:
+            return None
+        split = len(self.prompt_token_ids) - self.num_sent_tokens
+        stop = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
+        return History(self.prompt_token_ids[:split], self.prompt_token_ids[split:] + self.output_token_ids, stop)
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + outputs, without building the whole list (a decode
