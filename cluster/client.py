@@ -51,6 +51,8 @@ class GenerateResult:
     message: str = ""
     chunks: list[list[int]] = field(default_factory=list)  # token ids per streamed chunk
     timings: dict[str, float] = field(default_factory=dict)  # server-side stage timings, seconds
+    # SamplingParams.logprobs set: per token (logprob, [(token_id, logprob), ...] top alternatives)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The object `tessera generate --json` prints (same keys as the in-process path)."""
@@ -65,6 +67,8 @@ def sampling_to_proto(s: SamplingParams) -> pb.SamplingParams:
                             repetition_penalty=s.repetition_penalty, min_p=s.min_p, min_tokens=s.min_tokens)
     if s.seed is not None:
         out.seed = s.seed
+    if s.logprobs is not None:
+        out.logprobs = s.logprobs
     return out
 
 
@@ -239,6 +243,7 @@ def collect(responses: Iterator[pb.GenerateResponse], start: float, on_chunk=Non
     tokens: list[int] = []
     chunks: list[list[int]] = []
     text: list[str] = []
+    logprobs: list | None = None
     ttft = None
     request_id = ""
     for resp in responses:
@@ -250,6 +255,9 @@ def collect(responses: Iterator[pb.GenerateResponse], start: float, on_chunk=Non
             tokens += ids
             chunks.append(ids)
             text.append(resp.chunk.text)
+            if resp.chunk.logprobs:
+                logprobs = (logprobs or []) + [(lp.logprob, [(t.token_id, t.logprob) for t in lp.top])
+                                               for lp in resp.chunk.logprobs]
             if on_chunk is not None:
                 on_chunk(ids, resp.chunk.text)
             continue
@@ -264,5 +272,5 @@ def collect(responses: Iterator[pb.GenerateResponse], start: float, on_chunk=Non
                        "ttft_s": t.ttft_seconds, "e2e_s": t.e2e_seconds}
         return GenerateResult(
             "".join(text), tokens, final.usage.prompt_tokens, FINISH_REASONS.get(final.finish_reason, "error"),
-            ttft, (e2e - ttft) / max(len(tokens) - 1, 1), e2e, request_id, final.message, chunks, timings)
+            ttft, (e2e - ttft) / max(len(tokens) - 1, 1), e2e, request_id, final.message, chunks, timings, logprobs)
     raise RuntimeError("the Generate stream ended without a final message")

@@ -75,7 +75,8 @@ class ColocatedWorker(BaseWorker):
                 stream_id = self._streams_of.get(out.request_id)
                 if stream_id is None:
                     continue
-                emit(stream_id, out.request_id, out.new_token_ids, out.finish_reason if out.finished else None)
+                emit(stream_id, out.request_id, out.new_token_ids, out.finish_reason if out.finished else None,
+                     out.logprobs)
                 if out.finished:
                     self._done(out.request_id)
             self.streams.flush()  # send: one message per token stream for the whole step

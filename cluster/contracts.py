@@ -78,6 +78,8 @@ class PrefillFirstToken:
     # Seeded non-greedy sampling only: the request's torch.Generator state after the first sample
     # (CPU uint8 bytes); pass it on in DecodeRequest.sampler_state so decode continues the same stream.
     sampler_state: bytes | None = None
+    # SamplingParams.logprobs set: the first token's (logprob, [[token_id, logprob], ...] top alternatives)
+    logprob: tuple | None = None
 
 
 @dataclass(frozen=True)

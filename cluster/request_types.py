@@ -14,6 +14,7 @@ from dataclasses import dataclass
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's top_logprobs limit, vLLM's default max_logprobs)
 # Below this temperature a request samples greedily, as in vLLM (its _SAMPLING_EPS): logits / 1e-45
 # is +-inf in float32 and the softmax NaN, which would fail the worker's whole sampling step.
 MIN_SAMPLING_TEMPERATURE = 1e-5
@@ -41,6 +42,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_p: float = 0.0  # sampled rows: drop tokens below min_p x the top token's probability
     min_tokens: int = 0  # no EOS or stop token id (and no stop string) before this many tokens
+    # the log-probability of each output token and of the `logprobs` most likely alternatives, from
+    # the model's float32 log-softmax before any penalty or temperature (vLLM's default); None: off
+    logprobs: int | None = None
 
     @property
     def is_greedy(self) -> bool:
@@ -78,6 +82,8 @@ class SamplingParams:
             bad(f"min_p must be in [0, 1], got {self.min_p!r}")
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
             bad(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            bad(f"logprobs must be in [0, {MAX_LOGPROBS}] top alternatives, got {self.logprobs!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
             bad(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
         for s in self.stop:

@@ -12,11 +12,12 @@ streams (``router.token_streams``)::
       │◀── [nonce] ──────────────────────────────────────│  (cluster.channel_auth: the ticket
       │── [stream_id, HMAC(ticket, nonce ‖ stream_id)] ──▶│   never crosses this socket)
       │◀── ["ok"] ───────────────────────────────────────│
-      │◀── [0, step, wall_time, [[rid, [tok, ...], finish | nil], ...]]   once per engine step
+      │◀── [0, step, wall_time, [[rid, [tok, ...], finish | nil (, logprobs)], ...]]   once per engine step
       │◀── [1]                                            heartbeat, when idle (HEARTBEAT_S)
 
 Every message is msgpack (nothing is pickled). ``finish`` is nil while a request runs, else
-"stop" | "length" | "abort" | "error"; nothing follows a request's finish.
+"stop" | "length" | "abort" | "error"; nothing follows a request's finish. ``logprobs`` only for a
+request that asked for them: per token ``[logprob, [[token_id, logprob], ...]]``.
 
 The worker's engine loop stages each step's outputs (``emit``) and hands them over once per
 step (``flush``); one sender thread per stream writes them. When the router reads slower than
@@ -57,11 +58,13 @@ MAX_STREAM_ID_CHARS = 128
 
 
 class RequestDelta(NamedTuple):
-    """What one request got since the last message (wire: [request_id, token_ids, finish_reason])."""
+    """What one request got since the last message (wire: [request_id, token_ids, finish_reason]
+    plus, for a request with SamplingParams.logprobs, its tokens' logprobs)."""
 
     request_id: str
     token_ids: list[int]  # new tokens, in order (may be empty on the final delta)
     finish_reason: str | None  # None while running; "stop" | "length" | "abort" | "error" at the end
+    logprobs: list | None = None  # one [logprob, [[token_id, logprob], ...]] per token
 
 
 class StepOutputs(NamedTuple):
@@ -94,13 +97,15 @@ def merge_deltas(batches: list[list[list]]) -> list[list]:
         return batches[0]
     merged: dict[str, list] = {}
     for deltas in batches:
-        for rid, tokens, finish in deltas:
+        for rid, tokens, finish, *logprobs in deltas:
             entry = merged.get(rid)
             if entry is None:
-                merged[rid] = [rid, list(tokens), finish]
+                merged[rid] = [rid, list(tokens), finish, *(list(lp) for lp in logprobs)]
             else:
                 entry[1].extend(tokens)
                 entry[2] = finish
+                if logprobs:
+                    entry[3:] = [entry[3] + list(logprobs[0]) if len(entry) > 3 else list(logprobs[0])]
     return list(merged.values())
 
 
@@ -192,12 +197,13 @@ class StepStreamServer:
             return len(self._channels)
 
     # -- the engine loop's side ------------------------------------------------------------------
-    def emit(self, stream_id: str, request_id: str, token_ids: list[int], finish_reason: str | None) -> None:
+    def emit(self, stream_id: str, request_id: str, token_ids: list[int], finish_reason: str | None,
+             logprobs: list | None = None) -> None:
         """Stage one request's output of this step (sent by the next ``flush``)."""
         staged = self._staged.get(stream_id)
         if staged is None:
             staged = self._staged[stream_id] = []
-        staged.append([request_id, token_ids, finish_reason])
+        staged.append([request_id, token_ids, finish_reason] + ([logprobs] if logprobs is not None else []))
 
     def flush(self) -> None:
         """Hand this step's staged outputs to their streams (never blocks on the wire)."""

@@ -240,7 +240,8 @@ class DecodeWorker(BaseWorker):
                 self.scheduler.finish(req, status)  # frees the blocks
                 del self._slots[req.request_id]
                 self._num_finished += 1
-            emit(slot.stream_id, req.request_id, [token], status.value if status else None)
+            emit(slot.stream_id, req.request_id, [token], status.value if status else None,
+                 req.output_logprobs[-1:] if req.sampling.logprobs is not None else None)
         self.streams.flush()  # send: one message per token stream for the whole step
 
     def _apply_aborts(self) -> None:

@@ -93,15 +93,16 @@ class PrefillWorker(BaseWorker):
             raise
         prefill_s = time.perf_counter() - start
         state = req.sampler.generator.get_state().numpy().tobytes() if req.sampler.generator is not None else None
+        logprob = req.output_logprobs[0] if req.output_logprobs else None
         if req.check_stop(self.max_model_len) is not None:  # the first token ends it: no KV needed
             self.blocks.free(block_ids)
-            yield PrefillFirstToken(token_id, prefill_s, state)
+            yield PrefillFirstToken(token_id, prefill_s, state, logprob)
             yield KVShipped(0, 0.0)
             return
         # The ship task owns the blocks from here on and frees them whatever happens to us.
         ship = asyncio.get_running_loop().create_task(self._ship(req, block_ids, reservation))
         ship.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if we are gone
-        yield PrefillFirstToken(token_id, prefill_s, state)
+        yield PrefillFirstToken(token_id, prefill_s, state, logprob)
         yield await asyncio.shield(ship)
 
     # -- the loop --------------------------------------------------------------------------

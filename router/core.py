@@ -343,7 +343,7 @@ class RouterCore:
             t["first"], t["prefill_s"] = time.monotonic(), first.prefill_s
         self._unaccount_pools(st, "prefill", "encoder")  # their part is done
 
-        finish = self._push_token(st, detok, first.token_id, tokens, emit, num_prompt, sampling)
+        finish = self._push_token(st, detok, first.token_id, tokens, emit, num_prompt, sampling, first.logprob)
         t.setdefault("ttft", time.monotonic())
         if finish is not None:
             return finish  # done at the first token: cleanup drains the KV transfer, frees the blocks
@@ -454,7 +454,7 @@ class RouterCore:
         return st.sink
 
     def _push_token(self, st: RequestState, detok: IncrementalDetokenizer, tok: int, tokens: list[int], emit,
-                    num_prompt: int, sampling: SamplingParams) -> tuple[str, str] | None:
+                    num_prompt: int, sampling: SamplingParams, logprob=None) -> tuple[str, str] | None:
         """Emit the first token (sampled by prefill) with its text; the finish (reason, message) if
         it already ends the request (the token-level stops the decode worker checks for later ones)."""
         tokens.append(tok)
@@ -463,7 +463,7 @@ class RouterCore:
             finish = ("stop", "")
         else:
             finish = _first_token_stop(sampling, tok, self.eos_token_ids, num_prompt, self.max_model_len)
-        emit(TokenEvent([tok], detok.take(final=finish is not None)))
+        emit(TokenEvent([tok], detok.take(final=finish is not None), None if logprob is None else [logprob]))
         st.num_tokens_sent += 1
         return finish
 

@@ -26,7 +26,7 @@ class DecodeSink:
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()  # -> (finish_reason, message)
         self.done.add_done_callback(lambda f: f.cancelled() or f.exception())  # (retrieved even if unawaited)
 
-    def push(self, token_ids: list[int], finish_reason: str | None) -> None:
+    def push(self, token_ids: list[int], finish_reason: str | None, logprobs: list | None = None) -> None:
         if self.done.done():
             return  # finished here (a stop string): the worker's abort is on its way
         now = time.monotonic()
@@ -52,7 +52,7 @@ class DecodeSink:
         text = detok.take(final=finished)
         if num_new or text:
             new_tokens = token_ids if num_new == len(token_ids) else token_ids[:num_new]
-            self.emit(TokenEvent(list(new_tokens), text))
+            self.emit(TokenEvent(list(new_tokens), text, None if logprobs is None else list(logprobs[:num_new])))
             if st.num_tokens_sent == 0:
                 t["ttft"] = now
             st.num_tokens_sent += num_new

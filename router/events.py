@@ -46,6 +46,7 @@ class GenerateInput:
 class TokenEvent:
     token_ids: list[int]  # new tokens, in order (the first event holds exactly one)
     text: str  # UTF-8 text delta (may be empty while held back)
+    logprobs: list | None = None  # SamplingParams.logprobs set: [logprob, [[token_id, logprob], ...]] per token
 
 
 @dataclass(frozen=True)

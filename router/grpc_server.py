@@ -85,7 +85,13 @@ def sampling_from_proto(sp: pb.SamplingParams, default_max_tokens: int) -> Sampl
         repetition_penalty=sp.repetition_penalty if sp.HasField("repetition_penalty") else 1.0,
         min_p=sp.min_p,
         min_tokens=sp.min_tokens,
+        logprobs=sp.logprobs if sp.HasField("logprobs") else None,
     )
+
+
+def _logprobs_to_proto(logprobs: list | None) -> list:
+    return [pb.TokenLogprob(logprob=lp, top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in top])
+            for lp, top in logprobs or ()]
 
 
 def input_from_proto(req: pb.GenerateRequest, default_max_tokens: int, timeout_s: float | None) -> GenerateInput:
@@ -200,8 +206,8 @@ class TesseraServicer(tessera_pb2_grpc.TesseraServicer):
         try:
             async for ev in stream:
                 if isinstance(ev, TokenEvent):
-                    yield pb.GenerateResponse(request_id=rid, chunk=pb.TokenChunk(token_ids=ev.token_ids,
-                                                                                   text=ev.text))
+                    yield pb.GenerateResponse(request_id=rid, chunk=pb.TokenChunk(
+                        token_ids=ev.token_ids, text=ev.text, logprobs=_logprobs_to_proto(ev.logprobs)))
                 else:
                     yield pb.GenerateResponse(request_id=rid,
                                               final=final_to_proto(ev, request.include_stage_timings))

@@ -92,47 +92,84 @@ def _sse(payload: dict) -> bytes:
 # -- the two response shapes -------------------------------------------------------------------
 # Streamed chunks are plain dicts serialized with orjson (a chunk per token is the hot path);
 # each equals the ``model_dump()`` of its ``router.openai_protocol`` model (tests check that).
+def _token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
 class _ChatShape:
-    def __init__(self, rid: str, model: str):
+    def __init__(self, rid: str, model: str, tokenizer):
         self.id, self.model, self.created = f"chatcmpl-{rid}", model, int(time.time())
+        self.tokenizer = tokenizer
 
     def opening(self) -> dict | None:
         return self.chunk({"role": "assistant", "content": ""})
 
-    def chunk(self, delta: dict, finish: str | None = None) -> dict:
+    def chunk(self, delta: dict, finish: str | None = None, logprobs: list | None = None) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], "usage": None}
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                             "logprobs": self.logprobs(logprobs)}], "usage": None}
 
-    def text(self, text: str, finish: str | None = None) -> dict:
-        return self.chunk({"content": text} if text else {}, finish)
+    def text(self, text: str, finish: str | None = None, token_ids=(), logprobs: list | None = None) -> dict:
+        return self.chunk({"content": text} if text else {}, finish, logprobs and list(zip(token_ids, logprobs)))
+
+    def logprobs(self, pairs: list | None) -> dict | None:
+        """OpenAI's chat shape of (token id, (logprob, top)) pairs."""
+        if pairs is None:
+            return None
+
+        def entry(token_id: int, logprob: float) -> dict:
+            token = _token_text(self.tokenizer, token_id)
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, v) for a, v in top]}
+                            for t, (lp, top) in pairs], "refusal": None}
 
     def usage(self, usage: oa.UsageInfo) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [], "usage": usage.model_dump()}
 
-    def full(self, text: str, finish: str, usage: oa.UsageInfo) -> oa.ChatCompletion:
+    def full(self, text: str, finish: str, usage: oa.UsageInfo, token_ids=(), logprobs=None) -> oa.ChatCompletion:
         return oa.ChatCompletion(id=self.id, model=self.model, usage=usage, choices=[
-            oa.ChatChoice(message=oa.AssistantMessage(content=text), finish_reason=finish)])
+            oa.ChatChoice(message=oa.AssistantMessage(content=text), finish_reason=finish,
+                          logprobs=self.logprobs(logprobs and list(zip(token_ids, logprobs))))])
 
 
 class _TextShape:
-    def __init__(self, rid: str, model: str):
+    def __init__(self, rid: str, model: str, tokenizer):
         self.id, self.model, self.created = f"cmpl-{rid}", model, int(time.time())
+        self.tokenizer = tokenizer
+        self.offset = 0  # characters of the token texts so far: text_offset continues across chunks
 
     def opening(self) -> None:
         return None
 
-    def text(self, text: str, finish: str | None = None) -> dict:
+    def text(self, text: str, finish: str | None = None, token_ids=(), logprobs: list | None = None) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}], "usage": None}
+                "choices": [{"index": 0, "text": text, "finish_reason": finish,
+                             "logprobs": self.logprobs(token_ids, logprobs)}], "usage": None}
+
+    def logprobs(self, token_ids, logprobs: list | None) -> dict | None:
+        """The legacy completions shape: tokens, their logprobs, {token: logprob} alternatives and
+        each token's character offset in the completion."""
+        if logprobs is None:
+            return None
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token_id, (lp, top) in zip(token_ids, logprobs):
+            token = _token_text(self.tokenizer, token_id)
+            out["tokens"].append(token)
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append({_token_text(self.tokenizer, a): v for a, v in top})
+            out["text_offset"].append(self.offset)
+            self.offset += len(token)
+        return out
 
     def usage(self, usage: oa.UsageInfo) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": [], "usage": usage.model_dump()}
 
-    def full(self, text: str, finish: str, usage: oa.UsageInfo) -> oa.Completion:
+    def full(self, text: str, finish: str, usage: oa.UsageInfo, token_ids=(), logprobs=None) -> oa.Completion:
         return oa.Completion(id=self.id, model=self.model, usage=usage, choices=[
-            oa.CompletionChoice(text=text, finish_reason=finish)])
+            oa.CompletionChoice(text=text, finish_reason=finish, logprobs=self.logprobs(token_ids, logprobs))])
 
 
 def _usage(final: FinalEvent) -> oa.UsageInfo:
@@ -190,7 +227,7 @@ class OpenAIApp:
         inp = GenerateInput(messages=turns, media=media, sampling=req.sampling(self.default_max_tokens),
                             request_id=rid, chat_template=req.chat_template,
                             chat_template_kwargs=req.chat_template_kwargs)
-        return await self._generate(request, inp, req, _ChatShape(rid, model))
+        return await self._generate(request, inp, req, _ChatShape(rid, model, self.core.tokenizer))
 
     async def completions(self, request: Request) -> Response:
         req = await self._parse(request, oa.CompletionRequest)
@@ -199,7 +236,7 @@ class OpenAIApp:
         rid = uuid.uuid4().hex
         inp = GenerateInput(prompt=req.prompt_text(), sampling=req.sampling(self.default_max_tokens),
                             request_id=rid)
-        return await self._generate(request, inp, req, _TextShape(rid, model))
+        return await self._generate(request, inp, req, _TextShape(rid, model, self.core.tokenizer))
 
     async def list_models(self, request: Request) -> oa.ModelList:
         return oa.ModelList(data=[self._model_card()])
@@ -264,11 +301,12 @@ class OpenAIApp:
             if first is None:
                 raise HTTPError(503, "the request ended without a result", code="unavailable")
             if not req.stream:
-                text, final = await _until_disconnect(request, _collect(first, events))
+                text, final, token_ids, logprobs = await _until_disconnect(request, _collect(first, events))
                 await stream.aclose()
                 if final.finish_reason == "error":
                     raise HTTPError(503, final.message or "the request failed", code="unavailable")
-                return JSONResponse(shape.full(text, final.finish_reason, _usage(final)).model_dump(mode="json"))
+                return JSONResponse(shape.full(text, final.finish_reason, _usage(final), token_ids, logprobs)
+                                    .model_dump(mode="json"))
         except _ClientGone:
             await stream.aclose()
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
@@ -283,14 +321,18 @@ class OpenAIApp:
                                  background=BackgroundTask(stream.aclose))
 
 
-async def _collect(first, events: AsyncIterator) -> tuple[str, FinalEvent]:
-    texts, event = [], first
+async def _collect(first, events: AsyncIterator) -> tuple[str, FinalEvent, list[int], list | None]:
+    """(text, final event, token ids, their logprobs or None)."""
+    texts, token_ids, logprobs, event = [], [], None, first
     while not isinstance(event, FinalEvent):
         if event is None:
             raise HTTPError(503, "the request ended without a result", code="unavailable")
         texts.append(event.text)
+        token_ids += event.token_ids
+        if event.logprobs is not None:
+            logprobs = (logprobs or []) + event.logprobs
         event = await anext(events, None)
-    return "".join(texts), event
+    return "".join(texts), event, token_ids, logprobs
 
 
 async def _sse_events(first, events: AsyncIterator, shape, include_usage: bool,
@@ -304,8 +346,8 @@ async def _sse_events(first, events: AsyncIterator, shape, include_usage: bool,
         event = first
         while event is not None:
             if isinstance(event, TokenEvent):
-                if event.text:
-                    yield _sse(shape.text(event.text))
+                if event.text or event.logprobs:
+                    yield _sse(shape.text(event.text, None, event.token_ids, event.logprobs))
             else:
                 if event.finish_reason == "error":
                     yield _sse(HTTPError(503, event.message or "the request failed", code="unavailable").body())

@@ -1,8 +1,8 @@
 """The OpenAI-compatible API's wire types (pydantic), and their translation to ``GenerateInput``.
 
 Requests tolerate keys they do not know (OpenAI clients send many optional ones) but reject the
-few features that would otherwise be silently wrong (``UNSUPPORTED``: tools, logprobs, penalties,
-n > 1, ...). Chat messages become the transport-neutral chat turns of ``GenerateInput``
+few features that would otherwise be silently wrong (``UNSUPPORTED``: tools, logit_bias, n > 1,
+...). Chat messages become the transport-neutral chat turns of ``GenerateInput``
 (``{"type": "media", "index": i}`` parts), which ``RouterCore`` renders with the model's own chat
 template exactly as for gRPC ``messages``; the media parts come back in order, still to be
 resolved to bytes (``router.media_urls``).
@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.engine.inputs import MAX_CHAT_MESSAGES as MAX_MESSAGES  # the same bounds as gRPC chats
 from cluster.engine.inputs import MAX_CHAT_PARTS as MAX_PARTS_PER_MESSAGE
-from cluster.request_types import SamplingParams
+from cluster.request_types import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 1  # choices per request (n > 1 is not implemented)
 MAX_STOP_LIST = 64  # parse-time bound; SamplingParams enforces the real limit (16)
@@ -122,7 +122,7 @@ class _GenerationRequest(_Tolerant):
     # key -> the values that are fine (absent or these); anything else is a feature we do not have.
     UNSUPPORTED: ClassVar[dict[str, tuple]] = {
         "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
-        "logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+        "logit_bias": (None, {}),
         "best_of": (None, 1),
         "echo": (None, False), "suffix": (None, ""), "response_format": (None, {"type": "text"}),
         "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
@@ -148,10 +148,13 @@ class _GenerationRequest(_Tolerant):
             stop_token_ids=tuple(self.stop_token_ids or ()), presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            min_p=self.min_p or 0.0, min_tokens=self.min_tokens)
+            min_p=self.min_p or 0.0, min_tokens=self.min_tokens, logprobs=self._logprobs())
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def _logprobs(self) -> int | None:
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -165,9 +168,19 @@ class ChatCompletionRequest(_GenerationRequest):
     # extra template variables (e.g. {"enable_thinking": false}); bounded by InputPreparer
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def _logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise HTTPError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
+                            param="top_logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise HTTPError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def chat_turns(self) -> tuple[list[dict[str, Any]], list[tuple[str, MediaPart]]]:
         """``GenerateInput.messages`` (media as ``{"type": "media", "index": i}``) and the media
@@ -193,6 +206,12 @@ class ChatCompletionRequest(_GenerationRequest):
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]  # one prompt per request
+    logprobs: int | None = None  # top alternatives per token (the legacy API's shape)
+
+    def _logprobs(self) -> int | None:
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise HTTPError(400, f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", param="logprobs")
+        return self.logprobs
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
@@ -221,7 +240,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None  # {"content": [{"token", "logprob", "bytes", "top_logprobs"}]}
 
 
 class ChatCompletion(_Response):
@@ -234,7 +253,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: dict[str, str]  # {"role": "assistant", "content": ""} first, then {"content": "..."}, then {}
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletionChunk(_Response):
@@ -247,7 +266,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None  # {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
 
 
 class Completion(_Response):

@@ -63,7 +63,8 @@ def coalesce(items: list, keep_first: bool = False) -> list:
     for item in items:
         if isinstance(item, TokenEvent) and len(out) > keep_first and isinstance(out[-1], TokenEvent):
             prev = out[-1]
-            out[-1] = TokenEvent(prev.token_ids + item.token_ids, prev.text + item.text)
+            out[-1] = TokenEvent(prev.token_ids + item.token_ids, prev.text + item.text,
+                                 None if prev.logprobs is None else prev.logprobs + (item.logprobs or []))
         else:
             out.append(item)
     return out

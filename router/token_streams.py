@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class Sink(Protocol):
-    def push(self, token_ids: list[int], finish_reason: str | None) -> None: ...
+    def push(self, token_ids: list[int], finish_reason: str | None, logprobs: list | None = None) -> None: ...
 
     def fail(self, error: BaseException) -> None: ...
 
@@ -92,7 +92,7 @@ class TokenStreams:
         for delta in outputs.deltas:
             sink = sinks.get(delta.request_id)
             if sink is not None:
-                sink.push(delta.token_ids, delta.finish_reason)
+                sink.push(delta.token_ids, delta.finish_reason, delta.logprobs)
 
     def _on_lost(self, worker_id: str, reason: str) -> None:
         self.num_lost += 1

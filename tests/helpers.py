@@ -167,7 +167,7 @@ class CollectingSink:
     def token_ids(self) -> list[int]:
         return [t for tokens, _ in self.deltas for t in tokens]
 
-    def push(self, token_ids, finish_reason) -> None:
+    def push(self, token_ids, finish_reason, logprobs=None) -> None:
         assert not self.done.done(), "nothing may follow a request's finish"
         self.deltas.append((list(token_ids), finish_reason))
         if not self.first.done():

@@ -321,7 +321,7 @@ def test_bad_chat_completions_are_openai_400s(served_cluster):
                                                     '"temperature": NaN}', "temperature"),
         "max_tokens -1": ("/v1/chat/completions", body(text, max_tokens=-1), "max_tokens"),
         "top_k -1": ("/v1/chat/completions", body(text, top_k=-1), "top_k"),
-        "logprobs": ("/v1/chat/completions", body(text, logprobs=True, top_logprobs=3), "logprobs"),
+        "top_logprobs 21": ("/v1/chat/completions", body(text, logprobs=True, top_logprobs=21), "top_logprobs"),
         "empty prompt": ("/v1/completions", {"prompt": "", "max_tokens": 2}, "empty"),
         "raw placeholder, no media": ("/v1/completions", {"prompt": "<image> hi", "max_tokens": 2}, "placeholder"),
     }

@@ -31,6 +31,13 @@ def test_greedy_through_colocated_mode_equals_engine(colocated, tiny_models):
         got = colocated.client.generate(prompt, media, greedy)
         assert got.token_ids == expected.token_ids, name
         assert got.text == expected.text and got.finish_reason == "length"
+    # logprobs ride the colocated worker's token stream too
+    prompt, media = prompt_cases(ARCH)["one-image"]
+    with_lp = SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2)
+    [expected] = engine.generate([(prompt, media, with_lp)])
+    got = colocated.client.generate(prompt, media, with_lp)
+    assert [[t for t, _ in top] for _, top in got.logprobs] == [[t for t, _ in top] for _, top in expected.logprobs]
+    assert all(abs(a - b) < 1e-4 for (a, _), (b, _) in zip(got.logprobs, expected.logprobs))
 
 
 def test_status_shows_the_colocated_pool_pinned_and_all_blocks_free(colocated):

@@ -201,8 +201,9 @@ def invalid_bodies(stack) -> dict[str, tuple[str, dict | bytes, int, str | None]
         "n=2": ("/v1/chat/completions", chat(n=2), 400, "n"),
         "tools": ("/v1/chat/completions", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
                   "tools"),
-        "placeholder in text": ("/v1/chat/completions", chat(messages=[{"role": "user", "content": "<image> hi"}]),
-                                400, None),
+        "top_logprobs over 20": ("/v1/chat/completions", chat(logprobs=True, top_logprobs=21), 400, "top_logprobs"),
+        "top_logprobs without logprobs": ("/v1/chat/completions", chat(top_logprobs=2), 400, "top_logprobs"),
+        "logprobs over 20 (completions)": ("/v1/completions", {"prompt": "hi", "logprobs": 30}, 400, "logprobs"),
         "corrupt image": ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]}]), 400, None),
         "not base64": ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [
@@ -333,6 +334,35 @@ def value(samples, name: str, **labels) -> float:
 
 
 @pytest.mark.slow
+def test_the_grafana_dashboard_names_only_metrics_the_router_exports(served_cluster):
+    """deploy/grafana/tessera-dashboard.json: every series its PromQL names is a family the
+    router's /metrics exports, of the type the suffix needs (_bucket: histogram, _total: counter),
+    and every label it filters or groups by is one that family has."""
+    import json
+    import re
+    from pathlib import Path
+
+    stack = served_cluster("llava-clip-llama")
+    stream_chat(stack, [{"type": "text", "text": QUESTION}], max_tokens=3)  # every labelled family has a child
+    wait_until_idle(stack)
+    families = {f.name: f for f in text_string_to_metric_families(
+        httpx.get(f"{stack.http_url}/metrics", timeout=30).text)}
+    dashboard = json.loads((Path(__file__).parents[1] / "deploy/grafana/tessera-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 15
+    suffix_type = {"_bucket": "histogram", "_total": "counter"}
+    for expr in exprs:
+        for name in re.findall(r"tessera_[a-z0-9_]+", expr):
+            suffix = "" if name in families else next((s for s in suffix_type if name.endswith(s)), "")
+            family = families.get(name[: len(name) - len(suffix)] if suffix else name)
+            assert family is not None, (name, expr)
+            assert not suffix or family.type == suffix_type[suffix], (name, family.type)
+            labels = {k for sample in family.samples for k in sample.labels} - {"le"}
+            for label in re.findall(r"(\w+)\s*(?:!?=~?)\s*\"", expr) + [
+                    x.strip() for group in re.findall(r"by \(([^)]*)\)", expr) for x in group.split(",")]:
+                assert label in labels | {"le"}, (label, name, expr)
+
+
 def test_metrics_parse_and_move_with_traffic(served_cluster):
     stack = served_cluster("llava-clip-llama")
     wait_until_idle(stack)

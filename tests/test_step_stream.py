@@ -53,6 +53,10 @@ def test_merge_concatenates_tokens_per_request_in_order():
     steps = [[["a", [1], None], ["b", [7], None]], [["a", [2], None]], [["b", [8], "stop"], ["a", [3], None]]]
     assert merge_deltas(steps) == [["a", [1, 2, 3], None], ["b", [7, 8], "stop"]]
     assert merge_deltas(steps[:1]) == steps[0]
+    # a request with logprobs: one [logprob, top] per token, concatenated with its tokens
+    lp = [[-0.5, [[1, -0.5]]], [-1.0, [[2, -1.0]]], [-2.0, [[9, -0.1]]]]
+    with_lp = [[["a", [1], None, lp[:1]], ["b", [7], None]], [["a", [2, 3], "length", lp[1:]]]]
+    assert merge_deltas(with_lp) == [["a", [1, 2, 3], "length", lp], ["b", [7], None]]
 
 
 def test_one_message_per_step_with_every_requests_tokens(server):

@@ -44,6 +44,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    logprobs: list | None = None  # SamplingParams.logprobs set: a TokenLogprob per new token
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Completion:
     ttft_s: float
     tpot_s: float
     e2e_s: float
+    logprobs: list | None = None  # SamplingParams.logprobs set: a TokenLogprob per token
 
 
 class ColocatedEngine:
@@ -177,7 +179,8 @@ class ColocatedEngine:
                 del self._requests[req.request_id], self._detok[req.request_id]
             outputs.append(RequestOutput(
                 req.request_id, [tok], detok.take(final=status is not None), status is not None,
-                status.value if status else None, req.num_prompt_tokens, len(req.output_token_ids)))
+                status.value if status else None, req.num_prompt_tokens, len(req.output_token_ids),
+                req.output_logprobs[-1:] if req.sampling.logprobs is not None else None))
         return outputs
 
     # -- convenience for the CLI, tests and benchmarks ---------------------------------------
@@ -185,13 +188,15 @@ class ColocatedEngine:
         """Run a set of requests to completion, all admitted at once (continuous batching)."""
         start = time.perf_counter()
         ids = [self.add_request(p, m, s) for p, m, s in prompts]
-        state = {i: {"tokens": [], "text": [], "ttft": None} for i in ids}
+        state = {i: {"tokens": [], "text": [], "ttft": None, "logprobs": None} for i in ids}
         done: dict[str, Completion] = {}
         while self.has_unfinished():
             for out in self.step():
                 st = state[out.request_id]
                 st["tokens"] += out.new_token_ids
                 st["text"].append(out.text)
+                if out.logprobs is not None:
+                    st["logprobs"] = (st["logprobs"] or []) + out.logprobs
                 if st["ttft"] is None:
                     st["ttft"] = time.perf_counter() - start
                 if out.finished:
@@ -199,7 +204,8 @@ class ColocatedEngine:
                     n = len(st["tokens"])
                     done[out.request_id] = Completion(
                         out.request_id, "".join(st["text"]), st["tokens"], out.finish_reason,
-                        out.num_prompt_tokens, st["ttft"], (e2e - st["ttft"]) / max(n - 1, 1), e2e)
+                        out.num_prompt_tokens, st["ttft"], (e2e - st["ttft"]) / max(n - 1, 1), e2e,
+                        st["logprobs"])
         return [done[i] for i in ids]
 
     def stream(self, prompt: str, media: list[MediaInput] = (),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from cluster.engine.request import Request
-from cluster.engine.sampling import sample
+from cluster.engine.sampling import sample, token_logprobs
 from cluster.engine.scheduler import ScheduledBatch
 from models.attention_backend import make_attention_backend
 from models.linear import apply_linear_backend
@@ -69,8 +69,15 @@ class ModelRunner:
         out: list[int | None] = [None] * len(batch)
         if last_rows:
             logits = self.lm.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
-            for i, tok in zip(sampled_idx, sample(logits, samplers, histories)):
+            tokens = sample(logits, samplers, histories)
+            for i, tok in zip(sampled_idx, tokens):
                 out[i] = tok
+            wanted = [j for j, s in enumerate(samplers) if s.params.logprobs is not None]
+            if wanted:  # from the raw logits, before penalties and temperature
+                lps = token_logprobs(logits[wanted], [tokens[j] for j in wanted],
+                                     [samplers[j].params.logprobs for j in wanted])
+                for j, lp in zip(wanted, lps):
+                    batch.requests[sampled_idx[j]].output_logprobs.append(lp)
         return out
 
     def _mrope_positions(self, requests: list[Request], starts: list[int], ends: list[int]) -> torch.Tensor:

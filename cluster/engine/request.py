@@ -83,6 +83,8 @@ class Request:
     media: list[MediaSlot] = field(default_factory=list)
     eos_token_ids: frozenset[int] = frozenset()
     output_token_ids: list[int] = field(default_factory=list)
+    # params.logprobs set: one TokenLogprob per token this worker sampled (appended by the runner)
+    output_logprobs: list = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in this worker's cache
     num_cached_tokens: int = 0  # of those, taken from the prefix cache at (the last) admission

@@ -28,6 +28,22 @@ class History:
     stop_ids: frozenset[int]  # EOS (unless ignore_eos) and stop_token_ids: held back before min_tokens
 
 
+# One output token's log-probability and its top alternatives [[token_id, logprob], ...], most
+# likely first (lists: it travels in msgpack as is)
+TokenLogprob = tuple[float, list[list]]
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: list[int], tops: list[int]) -> list[TokenLogprob]:
+    """Row i's log-softmax (float32, the raw logits) at ``token_ids[i]`` and its ``tops[i]``
+    largest entries; one host sync for all rows."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(token_ids, device=lp.device).unsqueeze(1)).squeeze(1)
+    k = max(tops)
+    values, ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    chosen, values, ids = chosen.tolist(), values.tolist(), ids.tolist()
+    return [(c, [[t, v] for t, v in zip(ids[i][:n], values[i][:n])]) for i, (c, n) in enumerate(zip(chosen, tops))]
+
+
 @dataclass
 class SamplerState:
     """Per-request sampling state that must survive across steps (and preemption)."""
