@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -101,16 +102,18 @@ class _ChatShape:
         self.id, self.model, self.created = f"chatcmpl-{rid}", model, int(time.time())
         self.tokenizer = tokenizer
 
-    def opening(self) -> dict | None:
-        return self.chunk({"role": "assistant", "content": ""})
+    def opening(self, index: int = 0) -> dict | None:
+        return self.chunk({"role": "assistant", "content": ""}, index=index)
 
-    def chunk(self, delta: dict, finish: str | None = None, logprobs: list | None = None) -> dict:
+    def chunk(self, delta: dict, finish: str | None = None, logprobs: list | None = None, index: int = 0) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish,
                              "logprobs": self.logprobs(logprobs)}], "usage": None}
 
-    def text(self, text: str, finish: str | None = None, token_ids=(), logprobs: list | None = None) -> dict:
-        return self.chunk({"content": text} if text else {}, finish, logprobs and list(zip(token_ids, logprobs)))
+    def text(self, text: str, finish: str | None = None, token_ids=(), logprobs: list | None = None,
+             index: int = 0) -> dict:
+        return self.chunk({"content": text} if text else {}, finish, logprobs and list(zip(token_ids, logprobs)),
+                          index)
 
     def logprobs(self, pairs: list | None) -> dict | None:
         """OpenAI's chat shape of (token id, (logprob, top)) pairs."""
@@ -128,27 +131,30 @@ class _ChatShape:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [], "usage": usage.model_dump()}
 
-    def full(self, text: str, finish: str, usage: oa.UsageInfo, token_ids=(), logprobs=None) -> oa.ChatCompletion:
+    def full(self, results: list[tuple], usage: oa.UsageInfo) -> oa.ChatCompletion:
+        """``results``: per choice (text, final event, token ids, logprobs) (``_collect``)."""
         return oa.ChatCompletion(id=self.id, model=self.model, usage=usage, choices=[
-            oa.ChatChoice(message=oa.AssistantMessage(content=text), finish_reason=finish,
-                          logprobs=self.logprobs(logprobs and list(zip(token_ids, logprobs))))])
+            oa.ChatChoice(index=i, message=oa.AssistantMessage(content=text), finish_reason=final.finish_reason,
+                          logprobs=self.logprobs(logprobs and list(zip(token_ids, logprobs))))
+            for i, (text, final, token_ids, logprobs) in enumerate(results)])
 
 
 class _TextShape:
     def __init__(self, rid: str, model: str, tokenizer):
         self.id, self.model, self.created = f"cmpl-{rid}", model, int(time.time())
         self.tokenizer = tokenizer
-        self.offset = 0  # characters of the token texts so far: text_offset continues across chunks
+        self.offsets: dict[int, int] = {}  # per choice, characters of its token texts so far (text_offset)
 
-    def opening(self) -> None:
+    def opening(self, index: int = 0) -> None:
         return None
 
-    def text(self, text: str, finish: str | None = None, token_ids=(), logprobs: list | None = None) -> dict:
+    def text(self, text: str, finish: str | None = None, token_ids=(), logprobs: list | None = None,
+             index: int = 0) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish,
-                             "logprobs": self.logprobs(token_ids, logprobs)}], "usage": None}
+                "choices": [{"index": index, "text": text, "finish_reason": finish,
+                             "logprobs": self.logprobs(token_ids, logprobs, index)}], "usage": None}
 
-    def logprobs(self, token_ids, logprobs: list | None) -> dict | None:
+    def logprobs(self, token_ids, logprobs: list | None, index: int = 0) -> dict | None:
         """The legacy completions shape: tokens, their logprobs, {token: logprob} alternatives and
         each token's character offset in the completion."""
         if logprobs is None:
@@ -159,23 +165,36 @@ class _TextShape:
             out["tokens"].append(token)
             out["token_logprobs"].append(lp)
             out["top_logprobs"].append({_token_text(self.tokenizer, a): v for a, v in top})
-            out["text_offset"].append(self.offset)
-            self.offset += len(token)
+            out["text_offset"].append(self.offsets.get(index, 0))
+            self.offsets[index] = self.offsets.get(index, 0) + len(token)
         return out
 
     def usage(self, usage: oa.UsageInfo) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": [], "usage": usage.model_dump()}
 
-    def full(self, text: str, finish: str, usage: oa.UsageInfo, token_ids=(), logprobs=None) -> oa.Completion:
+    def full(self, results: list[tuple], usage: oa.UsageInfo) -> oa.Completion:
         return oa.Completion(id=self.id, model=self.model, usage=usage, choices=[
-            oa.CompletionChoice(text=text, finish_reason=finish, logprobs=self.logprobs(token_ids, logprobs))])
+            oa.CompletionChoice(index=i, text=text, finish_reason=final.finish_reason,
+                                logprobs=self.logprobs(token_ids, logprobs, i))
+            for i, (text, final, token_ids, logprobs) in enumerate(results)])
 
 
-def _usage(final: FinalEvent) -> oa.UsageInfo:
-    u = final.usage
-    return oa.UsageInfo(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                        total_tokens=u.prompt_tokens + u.completion_tokens)
+def _usage(finals: list[FinalEvent]) -> oa.UsageInfo:
+    """The prompt once, the completions of every choice."""
+    prompt = finals[0].usage.prompt_tokens
+    completion = sum(f.usage.completion_tokens for f in finals)
+    return oa.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _fan_out(inp: GenerateInput, n: int) -> list[GenerateInput]:
+    """``n`` choices as ``n`` requests of the same prompt (vLLM v1's way: the prefix cache serves
+    the later prefills); a seeded request's choice i samples with seed + i, as vLLM does."""
+    if n == 1:
+        return [inp]
+    seed = inp.sampling.seed
+    return [dataclasses.replace(inp, request_id=f"{inp.request_id}-{i}", sampling=dataclasses.replace(
+        inp.sampling, seed=None if seed is None else seed + i)) for i in range(n)]
 
 
 class _ClientGone(Exception):
@@ -290,35 +309,47 @@ class OpenAIApp:
                             max_model_len=info["max_context_length"])
 
     async def _generate(self, request: Request, inp: GenerateInput, req: oa._GenerationRequest, shape) -> Response:
+        streams: list[RequestStream] = []
+
+        async def close_all() -> None:
+            for s in streams:
+                await s.aclose()
+
         try:
-            stream = await self.core.submit(inp)
+            for one in _fan_out(inp, req.n):
+                streams.append(await self.core.submit(one))
         except InvalidRequestError as exc:
-            raise error_of(exc) from None
-        events = aiter(stream)
-        try:
-            # Wait for the first event before answering: a failure before it gets its status code.
-            first = await _until_disconnect(request, anext(events, None))
-            if first is None:
-                raise HTTPError(503, "the request ended without a result", code="unavailable")
-            if not req.stream:
-                text, final, token_ids, logprobs = await _until_disconnect(request, _collect(first, events))
-                await stream.aclose()
-                if final.finish_reason == "error":
-                    raise HTTPError(503, final.message or "the request failed", code="unavailable")
-                return JSONResponse(shape.full(text, final.finish_reason, _usage(final), token_ids, logprobs)
-                                    .model_dump(mode="json"))
-        except _ClientGone:
-            await stream.aclose()
-            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        except (RouterError, InvalidRequestError) as exc:
-            await stream.aclose()
+            await close_all()
             raise error_of(exc) from None
         except BaseException:
-            await stream.aclose()
+            await close_all()
             raise
-        return StreamingResponse(_sse_events(first, events, shape, req.include_usage, stream),
+        events = [aiter(s) for s in streams]
+        try:
+            # Wait for the first events before answering: a failure before them gets its status code.
+            firsts = await _until_disconnect(request, asyncio.gather(*(anext(e, None) for e in events)))
+            if any(f is None for f in firsts):
+                raise HTTPError(503, "the request ended without a result", code="unavailable")
+            if not req.stream:
+                results = await _until_disconnect(request, asyncio.gather(
+                    *(_collect(f, e) for f, e in zip(firsts, events))))
+                await close_all()
+                for _, final, _, _ in results:
+                    if final.finish_reason == "error":
+                        raise HTTPError(503, final.message or "the request failed", code="unavailable")
+                return JSONResponse(shape.full(results, _usage([r[1] for r in results])).model_dump(mode="json"))
+        except _ClientGone:
+            await close_all()
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        except (RouterError, InvalidRequestError) as exc:
+            await close_all()
+            raise error_of(exc) from None
+        except BaseException:
+            await close_all()
+            raise
+        return StreamingResponse(_sse_events(firsts, events, shape, req.include_usage, close_all),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
-                                 background=BackgroundTask(stream.aclose))
+                                 background=BackgroundTask(close_all))
 
 
 async def _collect(first, events: AsyncIterator) -> tuple[str, FinalEvent, list[int], list | None]:
@@ -335,32 +366,54 @@ async def _collect(first, events: AsyncIterator) -> tuple[str, FinalEvent, list[
     return "".join(texts), event, token_ids, logprobs
 
 
-async def _sse_events(first, events: AsyncIterator, shape, include_usage: bool,
-                      stream: RequestStream) -> AsyncIterator[bytes]:
-    """The SSE body: an opening chunk (chat: the role), one chunk per text delta, a last chunk with
-    the finish reason, the usage chunk if asked for, then ``[DONE]``."""
+async def _sse_events(firsts: list, events: list[AsyncIterator], shape, include_usage: bool,
+                      close_all) -> AsyncIterator[bytes]:
+    """The SSE body: per choice an opening chunk (chat: the role), one chunk per text delta (the
+    choices interleaved as their tokens come) and a last chunk with its finish reason; then the
+    usage chunk if asked for, then ``[DONE]``. A failure of any choice ends the body with an error."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, event, it: AsyncIterator) -> None:
+        try:
+            while event is not None:
+                await queue.put((index, event))
+                if isinstance(event, FinalEvent):
+                    return
+                event = await anext(it, None)
+            await queue.put((index, None))
+        except (RouterError, InvalidRequestError) as exc:  # e.g. the deadline passed after the first token
+            await queue.put((index, exc))
+
+    pumps = [asyncio.create_task(pump(i, f, e)) for i, (f, e) in enumerate(zip(firsts, events))]
     try:
-        opening = shape.opening()
-        if opening is not None:
-            yield _sse(opening)
-        event = first
-        while event is not None:
+        for i in range(len(firsts)):
+            opening = shape.opening(i)
+            if opening is not None:
+                yield _sse(opening)
+        finals, running = [], len(firsts)
+        while running:
+            index, event = await queue.get()
             if isinstance(event, TokenEvent):
                 if event.text or event.logprobs:
-                    yield _sse(shape.text(event.text, None, event.token_ids, event.logprobs))
-            else:
-                if event.finish_reason == "error":
-                    yield _sse(HTTPError(503, event.message or "the request failed", code="unavailable").body())
-                else:
-                    yield _sse(shape.text("", event.finish_reason))
-                    if include_usage:
-                        yield _sse(shape.usage(_usage(event)))
+                    yield _sse(shape.text(event.text, None, event.token_ids, event.logprobs, index))
+                continue
+            running -= 1
+            if isinstance(event, (RouterError, InvalidRequestError)):
+                yield _sse(error_of(event).body())
                 break
-            event = await anext(events, None)
-    except (RouterError, InvalidRequestError) as exc:  # e.g. the deadline passed after the first token
-        yield _sse(error_of(exc).body())
+            if event is None or event.finish_reason == "error":
+                message = event.message if event is not None else ""
+                yield _sse(HTTPError(503, message or "the request failed", code="unavailable").body())
+                break
+            yield _sse(shape.text("", event.finish_reason, index=index))
+            finals.append(event)
+        else:
+            if include_usage:
+                yield _sse(shape.usage(_usage(finals)))
     finally:
-        await stream.aclose()
+        for task in pumps:
+            task.cancel()
+        await close_all()
     yield b"data: [DONE]\n\n"
 
 

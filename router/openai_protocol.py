@@ -23,7 +23,7 @@ from cluster.engine.inputs import MAX_CHAT_MESSAGES as MAX_MESSAGES  # the same 
 from cluster.engine.inputs import MAX_CHAT_PARTS as MAX_PARTS_PER_MESSAGE
 from cluster.request_types import MAX_LOGPROBS, SamplingParams
 
-MAX_N = 1  # choices per request (n > 1 is not implemented)
+MAX_N = 16  # choices per request (each one request of the same prompt: router/http_server._fan_out)
 MAX_STOP_LIST = 64  # parse-time bound; SamplingParams enforces the real limit (16)
 
 
@@ -130,7 +130,7 @@ class _GenerationRequest(_Tolerant):
 
     def check_supported(self) -> None:
         if not 1 <= self.n <= MAX_N:
-            raise HTTPError(400, f"n={self.n} is not supported: at most {MAX_N} choice per request", param="n")
+            raise HTTPError(400, f"n must be in [1, {MAX_N}] choices per request, got {self.n}", param="n")
         for key, fine in self.UNSUPPORTED.items():
             value = (self.model_extra or {}).get(key)
             if value not in fine:

@@ -121,6 +121,38 @@ def test_openai_client_streams_an_image_chat_equal_to_grpc(served_cluster):
     assert full.usage.completion_tokens == len(want.token_ids)
 
 
+def test_n_choices_streamed_and_not_each_equal_the_engine_with_seed_plus_i(served_cluster, tiny_models):
+    """``n`` choices: choice i is the request sampled with seed + i (vLLM's rule), the usage counts
+    the prompt once and every choice's tokens; streamed, the choices' chunks carry their index."""
+    from tests.helpers import reference, reference_engine
+
+    stack = served_cluster("llava-clip-llama")
+    engine = reference_engine("llava-clip-llama", tiny_models["llava-clip-llama"])
+    prompt = "Once upon a time"
+    want = reference(engine, [(prompt, [], SamplingParams(max_tokens=8, ignore_eos=True, temperature=1.0, seed=5 + i))
+                              for i in range(3)])
+    assert len({tuple(c.token_ids) for c in want}) > 1  # the seeds do differ
+    client = openai_client(stack)
+    got = client.completions.create(model=model_name(stack), prompt=prompt, max_tokens=8, n=3, seed=5,
+                                    temperature=1.0, extra_body={"ignore_eos": True})
+    assert [c.index for c in got.choices] == [0, 1, 2]
+    assert [c.text for c in got.choices] == [c.text for c in want]
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (want[0].prompt_tokens, 24)
+    chunks = client.chat.completions.create(model=model_name(stack), messages=[{"role": "user", "content": prompt}],
+                                            max_tokens=6, n=2, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    texts, finishes, usage = {0: "", 1: ""}, {}, None
+    for chunk in chunks:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            finishes[choice.index] = choice.finish_reason or finishes.get(choice.index)
+    greedy = grpc_chat(stack, prompt, [], max_tokens=6)
+    assert texts == {0: greedy.text, 1: greedy.text} and finishes == {0: "length", 1: "length"}
+    assert usage.completion_tokens == 12
+    wait_until_idle(stack)
+
+
 def test_penalties_min_p_and_min_tokens_over_http_and_grpc_equal_the_engine(served_cluster, tiny_models):
     """vLLM's sampling extensions through both front doors, the official client sending OpenAI's
     two penalties and vLLM's three in extra_body: the same tokens as the in-process engine."""
@@ -198,7 +230,8 @@ def invalid_bodies(stack) -> dict[str, tuple[str, dict | bytes, int, str | None]
         "top_p zero": ("/v1/chat/completions", chat(top_p=0), 400, None),
         "max_tokens over the limit": ("/v1/chat/completions", chat(max_tokens=100_000), 400, None),
         "too many stop strings": ("/v1/chat/completions", chat(stop=[f"s{i}" for i in range(17)]), 400, None),
-        "n=2": ("/v1/chat/completions", chat(n=2), 400, "n"),
+        "n=17": ("/v1/chat/completions", chat(n=17), 400, "n"),
+        "n=0": ("/v1/chat/completions", chat(n=0), 400, "n"),
         "tools": ("/v1/chat/completions", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
                   "tools"),
         "top_logprobs over 20": ("/v1/chat/completions", chat(logprobs=True, top_logprobs=21), 400, "top_logprobs"),
