@@ -69,6 +69,8 @@ def sampling_to_proto(s: SamplingParams) -> pb.SamplingParams:
         out.seed = s.seed
     if s.logprobs is not None:
         out.logprobs = s.logprobs
+    if s.structured_output is not None:
+        out.structured_output.kind, out.structured_output.value = s.structured_output
     return out
 
 

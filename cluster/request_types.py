@@ -45,6 +45,10 @@ class SamplingParams:
     # the log-probability of each output token and of the `logprobs` most likely alternatives, from
     # the model's float32 log-softmax before any penalty or temperature (vLLM's default); None: off
     logprobs: int | None = None
+    # constrain the output (cluster/engine/structured.py): (kind, value), kind one of "json_schema"
+    # (value: the schema as JSON), "json_object", "regex", "choice" (a JSON list of strings),
+    # "grammar" (Lark); None: free text
+    structured_output: tuple[str, str] | None = None
 
     @property
     def is_greedy(self) -> bool:

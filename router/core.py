@@ -319,6 +319,7 @@ class RouterCore:
         none on a first attempt; after a decode failure, the re-prefill covers prompt + tokens)."""
         plan, sampling = st.prepared.plan, st.prepared.sampling
         prompt = list(plan.prompt_token_ids) + tokens
+        num_sent = len(tokens)  # (``tokens`` grows as this attempt streams)
         if tokens:
             sampling = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - len(tokens))
         num_prompt = len(prompt)
@@ -333,7 +334,7 @@ class RouterCore:
         self._account(st, prefill, "inflight_requests", 1)
         request = PrefillRequest(st.request_id, prompt, list(plan.media_runs), sampling, self.eos_token_ids,
                                  [d.content_hash for d in st.prepared.media], plan.mrope_positions,
-                                 plan.position_delta, len(tokens))
+                                 plan.position_delta, num_sent)
         t.setdefault("prefill", time.monotonic())
         st.prefill_gen = prefill.actor.prefill.options(num_returns="streaming").remote(
             request, st.encode_ref, st.reservation)
@@ -358,7 +359,7 @@ class RouterCore:
         sink = self._open_sink(st, t, decode, detok, tokens, emit)
         await self._call(decode, decode.actor.generate.remote(DecodeRequest(
             st.request_id, num_prompt, prompt, first.token_id, sampling, self.eos_token_ids, first.sampler_state,
-            self.streams.stream_id, plan.position_delta, len(tokens))))
+            self.streams.stream_id, plan.position_delta, num_sent)))
         return await sink.done
 
     # -- worker failures: retry, migrate, or fail --------------------------------------------

@@ -86,6 +86,8 @@ def sampling_from_proto(sp: pb.SamplingParams, default_max_tokens: int) -> Sampl
         min_p=sp.min_p,
         min_tokens=sp.min_tokens,
         logprobs=sp.logprobs if sp.HasField("logprobs") else None,
+        structured_output=((sp.structured_output.kind, sp.structured_output.value)
+                           if sp.HasField("structured_output") else None),
     )
 
 

@@ -15,6 +15,7 @@ max_tokens by the same checks as gRPC (``SamplingParams.validate``, ``InputPrepa
 from __future__ import annotations
 
 import time
+import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -118,13 +119,20 @@ class _GenerationRequest(_Tolerant):
     repetition_penalty: float | None = None
     min_p: float | None = None
     min_tokens: int = 0
+    # structured outputs: OpenAI's response_format ({"type": "text" | "json_object" | "json_schema",
+    # "json_schema": {"name", "schema", "strict"}}) or one of vLLM's guided_* extensions
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(max_length=256)] | None = None
+    guided_grammar: str | None = None
 
     # key -> the values that are fine (absent or these); anything else is a feature we do not have.
     UNSUPPORTED: ClassVar[dict[str, tuple]] = {
         "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
         "logit_bias": (None, {}),
         "best_of": (None, 1),
-        "echo": (None, False), "suffix": (None, ""), "response_format": (None, {"type": "text"}),
+        "echo": (None, False), "suffix": (None, ""),
         "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
     }
 
@@ -148,13 +156,46 @@ class _GenerationRequest(_Tolerant):
             stop_token_ids=tuple(self.stop_token_ids or ()), presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            min_p=self.min_p or 0.0, min_tokens=self.min_tokens, logprobs=self._logprobs())
+            min_p=self.min_p or 0.0, min_tokens=self.min_tokens, logprobs=self._logprobs(),
+            structured_output=self._structured_output())
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens
 
     def _logprobs(self) -> int | None:
         return None
+
+    def _structured_output(self) -> tuple[str, str] | None:
+        """(kind, value) of SamplingParams.structured_output; compiled and checked by the core."""
+        given = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type") if isinstance(rf, dict) else None
+            if kind == "json_object":
+                given.append(("json_object", ""))
+            elif kind == "json_schema":
+                spec = rf.get("json_schema")
+                schema = spec.get("schema") if isinstance(spec, dict) else None
+                if not isinstance(schema, dict):
+                    raise HTTPError(400, "response_format json_schema needs json_schema.schema (an object)",
+                                    param="response_format")
+                given.append(("json_schema", json.dumps(schema)))
+            elif kind != "text":
+                raise HTTPError(400, "response_format.type must be text, json_object or json_schema",
+                                param="response_format")
+        if self.guided_json is not None:
+            given.append(("json_schema", self.guided_json if isinstance(self.guided_json, str)
+                          else json.dumps(self.guided_json)))
+        if self.guided_regex is not None:
+            given.append(("regex", self.guided_regex))
+        if self.guided_choice is not None:
+            given.append(("choice", json.dumps(self.guided_choice)))
+        if self.guided_grammar is not None:
+            given.append(("grammar", self.guided_grammar))
+        if len(given) > 1:
+            raise HTTPError(400, "set one of response_format (json) and guided_json / guided_regex / guided_choice / "
+                                 "guided_grammar", param="response_format")
+        return given[0] if given else None
 
     @property
     def include_usage(self) -> bool:

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 
 from cluster.config import MAX_CHAT_TEMPLATE_CHARS
+from cluster.engine.structured import GrammarError, check_structured_output
 from cluster.request_types import InvalidRequestError, MediaInput, SamplingParams
 from models.processor import DecodedMedia, MediaError, MediaLimits, MultimodalProcessor, TokenPlan
 
@@ -106,6 +107,11 @@ class InputPreparer:
                 sampling: SamplingParams) -> PreparedRequest:
         """``prompt``: raw text with the model's placeholders, or token ids (``render_chat``)."""
         sampling.validate(self.max_tokens_limit, self.vocab_size)
+        if sampling.structured_output is not None:
+            try:
+                check_structured_output(sampling.structured_output, self.processor.tokenizer, self.vocab_size)
+            except GrammarError as exc:
+                raise InvalidRequestError(str(exc)) from None
         if isinstance(prompt, str):
             self._check_prompt_text(prompt)
         elif not all(0 <= t < self.vocab_size for t in prompt):

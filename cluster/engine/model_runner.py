@@ -13,6 +13,7 @@ import torch
 
 from cluster.engine.request import Request
 from cluster.engine.sampling import sample, token_logprobs
+from cluster.engine.structured import GrammarState, apply_grammars
 from cluster.engine.scheduler import ScheduledBatch
 from models.attention_backend import make_attention_backend
 from models.linear import apply_linear_backend
@@ -23,8 +24,11 @@ from models.paged_attention import KVCacheSpec
 
 class ModelRunner:
     def __init__(self, lm: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", attention_backend: str = "auto", linear_backend: str = "auto"):
+                 device: torch.device | str = "cpu", attention_backend: str = "auto", linear_backend: str = "auto",
+                 model_dir: str | None = None):
         self.lm = lm
+        self.model_dir = model_dir  # its tokenizer, loaded at the first structured-output request
+        self._tokenizer = None
         self.device = torch.device(device)
         self.linear_backend = apply_linear_backend(lm.model.layers, linear_backend, dtype, self.device)
         self.attention = make_attention_backend(attention_backend, self.device)
@@ -69,9 +73,16 @@ class ModelRunner:
         out: list[int | None] = [None] * len(batch)
         if last_rows:
             logits = self.lm.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
-            tokens = sample(logits, samplers, histories)
+            constrained = [j for j, i in enumerate(sampled_idx) if batch.requests[i].sampling.structured_output]
+            masked = logits
+            if constrained:
+                grammars = [self._grammar(batch.requests[sampled_idx[j]], logits.shape[-1]) for j in constrained]
+                masked = apply_grammars(logits, constrained, grammars)
+            tokens = sample(masked, samplers, histories)
             for i, tok in zip(sampled_idx, tokens):
                 out[i] = tok
+            for j in constrained:
+                batch.requests[sampled_idx[j]].grammar.advance(tokens[j])
             wanted = [j for j, s in enumerate(samplers) if s.params.logprobs is not None]
             if wanted:  # from the raw logits, before penalties and temperature
                 lps = token_logprobs(logits[wanted], [tokens[j] for j in wanted],
@@ -79,6 +90,17 @@ class ModelRunner:
                 for j, lp in zip(wanted, lps):
                     batch.requests[sampled_idx[j]].output_logprobs.append(lp)
         return out
+
+    def _grammar(self, req: Request, vocab_size: int):
+        """``req``'s grammar state on this worker, made from its outputs so far the first time."""
+        if req.grammar is None:
+            if self._tokenizer is None:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            req.grammar = GrammarState(req.sampling.structured_output, self._tokenizer, vocab_size,
+                                       tuple(sorted(req.eos_token_ids)), req.outputs_so_far())
+        return req.grammar
 
     def _mrope_positions(self, requests: list[Request], starts: list[int], ends: list[int]) -> torch.Tensor:
         """[3, T]: each request's planned 3-D prompt positions, ``index + delta`` after them."""

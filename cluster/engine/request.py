@@ -103,6 +103,7 @@ class Request:
     first_token_time: float | None = None
     num_preemptions: int = 0
     sampler: SamplerState = field(init=False)
+    grammar: object = None  # SamplingParams.structured_output: its GrammarState on this worker (the runner's)
 
     def __post_init__(self):
         self.sampler = SamplerState.create(self.sampling)
@@ -110,6 +111,10 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    def outputs_so_far(self) -> list[int]:
+        """Every output token, those sent before a migration (at the end of the prompt) included."""
+        return self.prompt_token_ids[len(self.prompt_token_ids) - self.num_sent_tokens:] + self.output_token_ids
 
     def history(self) -> History | None:
         """The sampler's view of this request's tokens where its params need one (penalties,
@@ -150,6 +155,8 @@ class Request:
         detokenizer's: they need text)."""
         last = self.output_token_ids[-1]
         p = self.sampling
+        if self.grammar is not None and self.grammar.done:  # the structured output is complete
+            return RequestStatus.FINISHED_STOPPED
         if not p.ignore_eos and last in self.eos_token_ids:
             return RequestStatus.FINISHED_STOPPED
         if last in p.stop_token_ids:

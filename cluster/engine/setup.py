@@ -70,7 +70,8 @@ def build_lm_engine(config: EngineConfig, model: MultimodalModel, *, prefix_cach
     lm = model.language_model
     num_blocks = num_kv_blocks(config, lm)
     runner = ModelRunner(lm, num_blocks, config.block_size, config.torch_dtype, config.device,
-                         attention_backend=config.attention_backend, linear_backend=config.linear_backend)
+                         attention_backend=config.attention_backend, linear_backend=config.linear_backend,
+                         model_dir=str(resolve_engine_model(config)))
     max_model_len = resolve_max_model_len(config, model.text_config, num_blocks)
     blocks = BlockManager(num_blocks, config.block_size)
     scheduler = Scheduler(
