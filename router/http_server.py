@@ -44,6 +44,7 @@ from router.core import (DeadlineExceededError, FinalEvent, GenerateInput, Overl
 from router.auth import AUTH_HEADER, UNAUTHENTICATED_MESSAGE, is_authorized
 from router.media_urls import MediaResolver
 from router.openai_protocol import HTTPError
+from router.openai_shapes import ChatShape, TextShape, usage_of
 from router.tls import ServerTLS
 
 log = logging.getLogger(__name__)
@@ -93,100 +94,6 @@ def _sse(payload: dict) -> bytes:
 # -- the two response shapes -------------------------------------------------------------------
 # Streamed chunks are plain dicts serialized with orjson (a chunk per token is the hot path);
 # each equals the ``model_dump()`` of its ``router.openai_protocol`` model (tests check that).
-def _token_text(tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id])
-
-
-class _ChatShape:
-    def __init__(self, rid: str, model: str, tokenizer):
-        self.id, self.model, self.created = f"chatcmpl-{rid}", model, int(time.time())
-        self.tokenizer = tokenizer
-
-    def opening(self, index: int = 0) -> dict | None:
-        return self.chunk({"role": "assistant", "content": ""}, index=index)
-
-    def chunk(self, delta: dict, finish: str | None = None, logprobs: list | None = None, index: int = 0) -> dict:
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": index, "delta": delta, "finish_reason": finish,
-                             "logprobs": self.logprobs(logprobs)}], "usage": None}
-
-    def text(self, text: str, finish: str | None = None, token_ids=(), logprobs: list | None = None,
-             index: int = 0) -> dict:
-        return self.chunk({"content": text} if text else {}, finish, logprobs and list(zip(token_ids, logprobs)),
-                          index)
-
-    def logprobs(self, pairs: list | None) -> dict | None:
-        """OpenAI's chat shape of (token id, (logprob, top)) pairs."""
-        if pairs is None:
-            return None
-
-        def entry(token_id: int, logprob: float) -> dict:
-            token = _token_text(self.tokenizer, token_id)
-            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
-
-        return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, v) for a, v in top]}
-                            for t, (lp, top) in pairs], "refusal": None}
-
-    def usage(self, usage: oa.UsageInfo) -> dict:
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [], "usage": usage.model_dump()}
-
-    def full(self, results: list[tuple], usage: oa.UsageInfo) -> oa.ChatCompletion:
-        """``results``: per choice (text, final event, token ids, logprobs) (``_collect``)."""
-        return oa.ChatCompletion(id=self.id, model=self.model, usage=usage, choices=[
-            oa.ChatChoice(index=i, message=oa.AssistantMessage(content=text), finish_reason=final.finish_reason,
-                          logprobs=self.logprobs(logprobs and list(zip(token_ids, logprobs))))
-            for i, (text, final, token_ids, logprobs) in enumerate(results)])
-
-
-class _TextShape:
-    def __init__(self, rid: str, model: str, tokenizer):
-        self.id, self.model, self.created = f"cmpl-{rid}", model, int(time.time())
-        self.tokenizer = tokenizer
-        self.offsets: dict[int, int] = {}  # per choice, characters of its token texts so far (text_offset)
-
-    def opening(self, index: int = 0) -> None:
-        return None
-
-    def text(self, text: str, finish: str | None = None, token_ids=(), logprobs: list | None = None,
-             index: int = 0) -> dict:
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": index, "text": text, "finish_reason": finish,
-                             "logprobs": self.logprobs(token_ids, logprobs, index)}], "usage": None}
-
-    def logprobs(self, token_ids, logprobs: list | None, index: int = 0) -> dict | None:
-        """The legacy completions shape: tokens, their logprobs, {token: logprob} alternatives and
-        each token's character offset in the completion."""
-        if logprobs is None:
-            return None
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for token_id, (lp, top) in zip(token_ids, logprobs):
-            token = _token_text(self.tokenizer, token_id)
-            out["tokens"].append(token)
-            out["token_logprobs"].append(lp)
-            out["top_logprobs"].append({_token_text(self.tokenizer, a): v for a, v in top})
-            out["text_offset"].append(self.offsets.get(index, 0))
-            self.offsets[index] = self.offsets.get(index, 0) + len(token)
-        return out
-
-    def usage(self, usage: oa.UsageInfo) -> dict:
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [], "usage": usage.model_dump()}
-
-    def full(self, results: list[tuple], usage: oa.UsageInfo) -> oa.Completion:
-        return oa.Completion(id=self.id, model=self.model, usage=usage, choices=[
-            oa.CompletionChoice(index=i, text=text, finish_reason=final.finish_reason,
-                                logprobs=self.logprobs(token_ids, logprobs, i))
-            for i, (text, final, token_ids, logprobs) in enumerate(results)])
-
-
-def _usage(finals: list[FinalEvent]) -> oa.UsageInfo:
-    """The prompt once, the completions of every choice."""
-    prompt = finals[0].usage.prompt_tokens
-    completion = sum(f.usage.completion_tokens for f in finals)
-    return oa.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
 def _fan_out(inp: GenerateInput, n: int) -> list[GenerateInput]:
     """``n`` choices as ``n`` requests of the same prompt (vLLM v1's way: the prefix cache serves
     the later prefills); a seeded request's choice i samples with seed + i, as vLLM does."""
@@ -246,7 +153,7 @@ class OpenAIApp:
         inp = GenerateInput(messages=turns, media=media, sampling=req.sampling(self.default_max_tokens),
                             request_id=rid, chat_template=req.chat_template,
                             chat_template_kwargs=req.chat_template_kwargs)
-        return await self._generate(request, inp, req, _ChatShape(rid, model, self.core.tokenizer))
+        return await self._generate(request, inp, req, ChatShape(rid, model, self.core.tokenizer))
 
     async def completions(self, request: Request) -> Response:
         req = await self._parse(request, oa.CompletionRequest)
@@ -255,7 +162,7 @@ class OpenAIApp:
         rid = uuid.uuid4().hex
         inp = GenerateInput(prompt=req.prompt_text(), sampling=req.sampling(self.default_max_tokens),
                             request_id=rid)
-        return await self._generate(request, inp, req, _TextShape(rid, model, self.core.tokenizer))
+        return await self._generate(request, inp, req, TextShape(rid, model, self.core.tokenizer))
 
     async def list_models(self, request: Request) -> oa.ModelList:
         return oa.ModelList(data=[self._model_card()])
@@ -337,7 +244,7 @@ class OpenAIApp:
                 for _, final, _, _ in results:
                     if final.finish_reason == "error":
                         raise HTTPError(503, final.message or "the request failed", code="unavailable")
-                return JSONResponse(shape.full(results, _usage([r[1] for r in results])).model_dump(mode="json"))
+                return JSONResponse(shape.full(results, usage_of([r[1] for r in results])).model_dump(mode="json"))
         except _ClientGone:
             await close_all()
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
@@ -409,7 +316,7 @@ async def _sse_events(firsts: list, events: list[AsyncIterator], shape, include_
             finals.append(event)
         else:
             if include_usage:
-                yield _sse(shape.usage(_usage(finals)))
+                yield _sse(shape.usage(usage_of(finals)))
     finally:
         for task in pumps:
             task.cancel()
