@@ -189,10 +189,15 @@ class InputPreparer:
         if chars > self.max_prompt_chars:
             raise InvalidRequestError(f"the chat text is {chars} characters; at most {self.max_prompt_chars} can "
                                       f"fit the context length of {self.max_model_len} tokens")
-        neutral = [{**t, "content": [{**p, "text": "x" if p["text"] else ""} if p["type"] == "text" else p
-                                     for p in t["content"]]} for t in turns]
+        # Only text parts side by side can join into a token the sanitizer did not see in either part;
+        # without such a pair the second tokenization is skipped (most chats: one text part a turn).
+        joinable = any(a["type"] == b["type"] == "text" for t in turns for a, b in zip(t["content"], t["content"][1:]))
         try:
             ids = self.processor.tokenize_chat(turns, template, **kwargs)
+            if not joinable:
+                return ids
+            neutral = [{**t, "content": [{**p, "text": "x" if p["text"] else ""} if p["type"] == "text" else p
+                                         for p in t["content"]]} for t in turns]
             skeleton = self.processor.tokenize_chat(neutral, template, **kwargs)
         except Exception as exc:  # noqa: BLE001 - template errors are the client's input
             raise InvalidRequestError(f"cannot apply the chat template: {str(exc)[:200]}") from None
