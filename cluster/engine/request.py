@@ -112,9 +112,14 @@ class Request:
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
+    @property
+    def num_client_prompt_tokens(self) -> int:
+        """The client's prompt: prompt_token_ids without the outputs a re-prefill carries."""
+        return len(self.prompt_token_ids) - self.num_sent_tokens
+
     def outputs_so_far(self) -> list[int]:
         """Every output token, those sent before a migration (at the end of the prompt) included."""
-        return self.prompt_token_ids[len(self.prompt_token_ids) - self.num_sent_tokens:] + self.output_token_ids
+        return self.prompt_token_ids[self.num_client_prompt_tokens:] + self.output_token_ids
 
     def history(self) -> History | None:
         """The sampler's view of this request's tokens where its params need one (penalties,
@@ -122,9 +127,8 @@ class Request:
         p = self.sampling
         if not p.has_penalties and len(self.output_token_ids) + self.num_sent_tokens >= p.min_tokens:
             return None
-        split = len(self.prompt_token_ids) - self.num_sent_tokens
         stop = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
-        return History(self.prompt_token_ids[:split], self.prompt_token_ids[split:] + self.output_token_ids, stop)
+        return History(self.prompt_token_ids[:self.num_client_prompt_tokens], self.outputs_so_far(), stop)
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + outputs, without building the whole list (a decode
