@@ -10,6 +10,8 @@ A request's path through the cluster, and the message at each hop:
     router --PrefillRequest + embeddings ref + Reservation--> PrefillWorker.prefill
            <-- PrefillFirstToken (at once), then KVShipped (after the KV landed on the decode worker)
     router --DecodeRequest--> DecodeWorker.generate          -> returns once the request runs
+    router --(parent id, DecodeRequest)--> DecodeWorker.fork  -> sample i > 0 of an ``n > 1`` request
+           runs on the parent's prompt KV (no prefill, no transfer), or ForkUnavailableError
     router <== StepOutputs (every running request's new tokens, one message per engine step) ==
                decode / colocated worker, over the router's token stream (``cluster.step_stream``)
 
@@ -97,7 +99,9 @@ class DecodeRequest:
     request_id: str  # same id as the reservation
     num_prompt_tokens: int  # prompt length in tokens (= tokens whose KV is in the reserved blocks)
     prompt_token_ids: list[int]  # the prompt (only its length matters to decode; kept for logging/debugging)
-    first_token: int  # the token prefill sampled; decode starts by feeding it
+    # the token prefill sampled; decode starts by feeding it. None in a fork: the decode worker
+    # recomputes the prompt's last position and samples the first token itself
+    first_token: int | None
     sampling: SamplingParams  # validated sampling params
     eos_token_ids: tuple[int, ...]  # the model's EOS ids
     sampler_state: bytes | None = None  # PrefillFirstToken.sampler_state (seeded sampling); None otherwise
@@ -106,6 +110,11 @@ class DecodeRequest:
     # M-RoPE models: PrefillRequest.position_delta; decode token i sits at position i + delta
     position_delta: int = 0
     num_sent_tokens: int = 0  # PrefillRequest.num_sent_tokens
+
+
+class ForkUnavailableError(RuntimeError):
+    """``DecodeWorker.fork``: the parent's prompt KV is no longer held for forks (every fork was
+    taken, it expired, or the parent's first token ended it); the router prefills the sample."""
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ A request's life inside the worker (one ``_Slot`` per request id)::
     generate(DecodeRequest)         ─▶ RUNNING     Request(num_computed=len(prompt), output=[first])
                                                    joins the running batch (Scheduler.add_running);
                                                    generate returns
+    fork(parent, DecodeRequest)     ─▶ RUNNING     sample i > 0 of an n > 1 request (see "Forks")
     engine loop: aborts -> schedule (one token per running request) -> execute (model thread)
                  -> post-process (append, token-level stops) -> send: one message per step per
                  router token stream with every request's new token (``cluster.step_stream``)
@@ -19,6 +20,13 @@ slot at once; an EXPECTING one when its transfer ends (the sender is mid-send an
 A router whose token stream ends (it died, or gave up on this worker) has every running request
 of that stream aborted. Reservations nobody uses are freed after ``reservation_ttl_s``. Because a
 reservation covers max_tokens, decode never preempts.
+
+Forks (``n > 1``: one prefill, one transfer for all samples). ``generate(request, num_forks=k)``
+pins the blocks that hold the prompt's positions ``[0, len(prompt) - 1)`` with a reference of
+their own. Each of the k ``fork`` calls then shares the full ones (nobody writes them again: the
+parent writes from position len(prompt) on) and copies the last one into a block of its own; its
+first step recomputes the prompt's last token there and samples the sample's first token with its
+own sampler (seed + i). The pin goes when the k forks took it, or after ``fork_ttl_s``.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from typing import Any
 import torch
 
 from cluster.config import EngineConfig, KVTransferConfig
-from cluster.contracts import DecodeRequest, Reservation
+from cluster.contracts import DecodeRequest, ForkUnavailableError, Reservation
 from cluster.engine.block_manager import NoFreeBlocksError
 from cluster.engine.setup import build_lm_engine, resolve_engine_model
 from cluster.engine.request import Request, RequestStatus
@@ -67,11 +75,22 @@ class _Slot:
     stream_id: str = ""  # RUNNING: the router token stream its outputs go to
 
 
+@dataclass
+class _ForkSource:
+    """A request's prompt blocks, pinned for its forks (see "Forks" above)."""
+
+    block_ids: list[int]  # the blocks of positions [0, num_prompt - 1): all shared but the last, copied
+    num_prompt: int
+    remaining: int  # forks still to come
+    expires: float  # monotonic s
+
+
 class DecodeWorker(BaseWorker):
     pool = "decode"
 
     def __init__(self, engine: EngineConfig, worker_id: str, kv_transfer: KVTransferConfig | None = None, *,
-                 reservation_ttl_s: float = 300.0, max_concurrent_receives: int = 16, torch_threads: int = 1):
+                 reservation_ttl_s: float = 300.0, max_concurrent_receives: int = 16, torch_threads: int = 1,
+                 fork_ttl_s: float = 10.0):
         super().__init__(worker_id, torch_threads)
         self.config = engine
         self.kv_config = kv_transfer or KVTransferConfig()
@@ -86,7 +105,9 @@ class DecodeWorker(BaseWorker):
         self._recv_executor = ThreadPoolExecutor(max_concurrent_receives, thread_name_prefix=f"{worker_id}-kv")
         self._start_step_streams(self.kv_config.interface)
         self.reservation_ttl_s = reservation_ttl_s
+        self.fork_ttl_s = fork_ttl_s
         self._slots: dict[str, _Slot] = {}
+        self._forks: dict[str, _ForkSource] = {}  # parent request id -> its pinned prompt blocks
         self._aborts: dict[str, list[asyncio.Future]] = {}  # RUNNING requests to abort between steps
         self._next_sweep = 0.0
         self._num_finished = 0
@@ -163,9 +184,10 @@ class DecodeWorker(BaseWorker):
         return self.receiver.recv(ticket, self.runner.kv_cache, dst)
 
     # -- decoding --------------------------------------------------------------------------
-    async def generate(self, request: DecodeRequest) -> None:
+    async def generate(self, request: DecodeRequest, num_forks: int = 0) -> None:
         """Start decoding (the first token, from prefill, is not repeated); returns once the request
-        runs. Its outputs go to ``request.stream_id``'s token stream, step by step."""
+        runs. Its outputs go to ``request.stream_id``'s token stream, step by step. ``num_forks``:
+        that many other samples of this prompt will ``fork`` from it."""
         self._ensure_loop()
         rid = request.request_id
         slot = self._slots.get(rid)
@@ -190,7 +212,44 @@ class DecodeWorker(BaseWorker):
         req.block_ids, slot.block_ids = slot.block_ids, []
         slot.state, slot.req, slot.stream_id = SlotState.RUNNING, req, request.stream_id
         self.scheduler.add_running(req)
+        if num_forks > 0:
+            pinned = req.block_ids[:(req.num_prompt_tokens - 1) // self.blocks.block_size + 1]
+            self.blocks.fork(pinned)
+            self._forks[rid] = _ForkSource(pinned, req.num_prompt_tokens, num_forks,
+                                           time.monotonic() + self.fork_ttl_s)
         self._notify()
+
+    async def fork(self, parent_id: str, request: DecodeRequest) -> None:
+        """Start ``request``, another sample of ``parent_id``'s prompt, on the parent's pinned
+        prompt KV; returns once it runs. ForkUnavailableError: nothing to fork from (any more);
+        NoFreeBlocksError: no room for its own blocks."""
+        self._ensure_loop()
+        rid = request.request_id
+        source = self._forks.get(parent_id)
+        if source is None or source.num_prompt != request.num_prompt_tokens or request.first_token is not None:
+            raise ForkUnavailableError(f"no prompt KV of {parent_id!r} to fork {rid!r} from on {self.worker_id}")
+        if rid in self._slots:
+            raise ValueError(f"duplicate request id {rid!r}")
+        self._check_stream(request.stream_id)
+        if len(self._slots) >= self.config.max_num_seqs:
+            raise NoFreeBlocksError(f"{self.worker_id} holds max_num_seqs={self.config.max_num_seqs} requests")
+        req = self._make_request(request)
+        num_tokens = min(source.num_prompt + request.sampling.max_tokens, self.max_model_len)
+        shared = source.block_ids[:-1]
+        own = self.blocks.allocate(self.blocks.blocks_for_tokens(num_tokens) - len(shared))  # NoFreeBlocksError
+        # (safe beside a step in flight: the parent writes that block only from position num_prompt on)
+        self.runner.copy_block(source.block_ids[-1], own[0])
+        self.blocks.fork(shared)
+        source.remaining -= 1
+        if source.remaining == 0:
+            self._unpin(parent_id)
+        req.block_ids = shared + own
+        self._slots[rid] = _Slot(rid, [], SlotState.RUNNING, req=req, stream_id=request.stream_id)
+        self.scheduler.add_running(req)
+        self._notify()
+
+    def _unpin(self, parent_id: str) -> None:
+        self.blocks.free(self._forks.pop(parent_id).block_ids)
 
     async def abort(self, request_id: str) -> bool:
         """Free everything the request holds (a running one at the next step boundary)."""
@@ -272,6 +331,8 @@ class DecodeWorker(BaseWorker):
         if now < self._next_sweep:
             return
         self._next_sweep = now + 1.0
+        for parent_id in [p for p, f in self._forks.items() if now > f.expires]:
+            self._unpin(parent_id)
         for slot in list(self._slots.values()):
             idle = slot.state in (SlotState.RESERVED, SlotState.LANDED) and now - slot.created > self.reservation_ttl_s
             stale = slot.state is SlotState.EXPECTING and not slot.is_receiving and now > slot.expect_until
@@ -298,10 +359,14 @@ class DecodeWorker(BaseWorker):
 
     def _make_request(self, request: DecodeRequest) -> Request:
         prompt = list(request.prompt_token_ids)
-        if len(prompt) != request.num_prompt_tokens:  # only the length matters on this side
+        forked = request.first_token is None  # its first step recomputes the prompt's last token
+        if len(prompt) != request.num_prompt_tokens:  # only the length matters on this side (not in a fork)
+            if forked:
+                raise ValueError(f"a fork needs its whole prompt: {len(prompt)} of {request.num_prompt_tokens} tokens")
             prompt = [0] * request.num_prompt_tokens
         req = Request(request.request_id, prompt, request.sampling, eos_token_ids=frozenset(request.eos_token_ids),
-                      output_token_ids=[request.first_token], num_computed_tokens=request.num_prompt_tokens,
+                      output_token_ids=[] if forked else [request.first_token],
+                      num_computed_tokens=request.num_prompt_tokens - forked,
                       position_delta=request.position_delta, num_sent_tokens=request.num_sent_tokens)
         if request.sampler_state is not None and req.sampler.generator is not None:
             req.sampler.generator.set_state(torch.frombuffer(bytearray(request.sampler_state), dtype=torch.uint8))
@@ -327,6 +392,7 @@ class DecodeWorker(BaseWorker):
         return {
             "num_running": len(self.scheduler.running),
             "num_reserved": sum(1 for s in self._slots.values() if s.state is not SlotState.RUNNING),
+            "num_fork_sources": len(self._forks),
             "num_finished": self._num_finished,
             "kv_blocks_free": self.blocks.num_free_blocks,
             "kv_blocks_total": self.blocks.num_blocks,

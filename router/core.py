@@ -17,6 +17,8 @@ A request's life in the router::
                          stream to that worker (one message per engine step for all requests,
                          router.token_streams) into the request's DecodeSink: detokenize, stop
                          strings, events to the client
+               (n > 1:   samples 1..n-1 skip reserve and prefill: DecodeWorker.fork on sample 0's
+                         prompt KV, see _fork; prefilled themselves when that is not possible)
                final:    finish reason, usage, per-stage timings
     cleanup    on abort / client cancel / deadline / failure, every stage lets go: before the
                first token the encode task and the prefill stream are cancelled; after it the
@@ -46,7 +48,8 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from cluster.config import ClusterConfig
-from cluster.contracts import DecodeRequest, EncodeItem, KVShipped, PrefillFirstToken, PrefillRequest, Reservation
+from cluster.contracts import (DecodeRequest, EncodeItem, ForkUnavailableError, KVShipped, PrefillFirstToken,
+                               PrefillRequest, Reservation)
 from cluster.autoscaler import LatencyWindow
 from cluster.controller import Controller, PoolWorker
 from cluster.engine.block_manager import NoFreeBlocksError
@@ -60,7 +63,7 @@ from router.decode_sink import DecodeSink
 from router.events import (DeadlineExceededError, Event, FinalEvent, GenerateInput, OverloadedError, RouterError,
                            StageTimings, TokenEvent, Usage, WorkerUnavailableError)
 from router.metrics import RouterMetrics
-from router.request_stream import END, Failure, RequestState, RequestStream
+from router.request_stream import END, Failure, ForkGroup, RequestState, RequestStream
 from router.token_streams import TokenStreams
 
 __all__ = ["Admission", "DeadlineExceededError", "Event", "FinalEvent", "GenerateInput", "OverloadedError",
@@ -107,22 +110,40 @@ class RouterCore:
     # -- public API --------------------------------------------------------------------------
     async def submit(self, inp: GenerateInput) -> RequestStream:
         """Validate and start a request. Raises ``InvalidRequestError`` (nothing was scheduled)."""
+        return (await self.submit_samples(inp, 1))[0]
+
+    async def submit_samples(self, inp: GenerateInput, n: int) -> list[RequestStream]:
+        """``n`` samples of one prompt (OpenAI's ``n``), prepared once, sample i with seed + i as
+        vLLM defines it, ids ``<id>-<i>`` when n > 1. Disaggregated, one prefill and one KV
+        transfer serve them all: the other samples fork from sample 0's prompt KV on its decode
+        worker (``_fork``). Raises ``InvalidRequestError`` (nothing was scheduled)."""
         arrival = time.monotonic()
-        request_id = inp.request_id or uuid.uuid4().hex
+        base = inp.request_id or uuid.uuid4().hex
+        ids = [base] if n == 1 else [f"{base}-{i}" for i in range(n)]
         try:
-            self._check_new_id(request_id)
-            prepared, media = await asyncio.to_thread(self._prepare, request_id, inp)  # tokenizing: off the loop
-            self._check_new_id(request_id)  # a same-id request may have started during preparation
+            for rid in ids:
+                self._check_new_id(rid)
+            prepared, media = await asyncio.to_thread(self._prepare, ids[0], inp)  # tokenizing: off the loop
+            for rid in ids:  # a same-id request may have started during preparation
+                self._check_new_id(rid)
         except InvalidRequestError as exc:
             self.metrics.observe_request(None, exc)
             raise
         timeout = self.config.router.request_timeout_s
         if inp.timeout_s is not None:
             timeout = min(timeout, max(inp.timeout_s, 0.0))
-        st = RequestState(request_id, prepared, media, arrival + timeout, arrival, time.monotonic())
-        self._requests[request_id] = st
-        st.driver = asyncio.create_task(self._drive(st), name=f"request-{request_id}")
-        return RequestStream(self, st)
+        group = ForkGroup(n - 1) if n > 1 and self.config.mode != "colocated" and _forkable(prepared) else None
+        seed = prepared.sampling.seed
+        streams = []
+        for i, rid in enumerate(ids):
+            sample = prepared if i == 0 else dataclasses.replace(prepared, request_id=rid, sampling=dataclasses.replace(
+                prepared.sampling, seed=None if seed is None else (seed + i) % 2**63))
+            st = RequestState(rid, sample, media, arrival + timeout, arrival, time.monotonic(), fork=group,
+                              fork_index=i)
+            self._requests[rid] = st
+            st.driver = asyncio.create_task(self._drive(st), name=f"request-{rid}")
+            streams.append(RequestStream(self, st))
+        return streams
 
     def _check_new_id(self, request_id: str) -> None:
         check_request_id(request_id)
@@ -275,6 +296,8 @@ class RouterCore:
             fail(err)
         finally:
             st.finished = True
+            if st.fork is not None and st.fork_index == 0:
+                st.fork.resolve(None)  # (no-op once the forks have their source)
             final = self._final(st, finish, tokens, t) if finish is not None else None
             if final is not None:
                 emit(final)
@@ -291,14 +314,22 @@ class RouterCore:
             return await self._run_colocated(st, t, tokens, emit)
         detok = IncrementalDetokenizer(self.tokenizer, st.prepared.sampling.stop,
                                        min_tokens=st.prepared.sampling.min_tokens)
-        if st.prepared.media:
-            self._encode(st, t)
+        forking = st.fork is not None and st.fork_index > 0
         while True:
             try:
+                if forking:
+                    forking = False
+                    finish = await self._fork(st, t, tokens, emit, detok)
+                    if finish is not None:
+                        return finish
+                if st.prepared.media and st.encode_ref is None:
+                    self._encode(st, t)
                 return await self._attempt(st, t, tokens, emit, detok)
             except (asyncio.CancelledError, InvalidRequestError, OverloadedError):
                 raise
             except Exception as exc:  # noqa: BLE001 - a worker failed: retry, migrate or fail
+                if st.fork is not None and st.fork_index == 0 and tokens:
+                    st.fork.resolve(None)  # a migration prefills prompt + tokens: not the samples' prompt
                 await self._retry(st, t, exc, tokens)
 
     def _encode(self, st: RequestState, t: dict) -> None:
@@ -357,9 +388,46 @@ class RouterCore:
         decode = st.decode_worker
         t["decode"] = time.monotonic()
         sink = self._open_sink(st, t, decode, detok, tokens, emit)
+        num_forks = st.fork.num_forks if st.fork is not None and not st.fork.source.done() and not num_sent else 0
         await self._call(decode, decode.actor.generate.remote(DecodeRequest(
             st.request_id, num_prompt, prompt, first.token_id, sampling, self.eos_token_ids, first.sampler_state,
-            self.streams.stream_id, plan.position_delta, num_sent)))
+            self.streams.stream_id, plan.position_delta, num_sent), num_forks))
+        if num_forks:
+            st.fork.resolve((decode, st.request_id, prompt))
+        return await sink.done
+
+    async def _fork(self, st: RequestState, t: dict, tokens: list[int], emit,
+                    detok: IncrementalDetokenizer) -> tuple[str, str] | None:
+        """Sample i > 0 of an ``n > 1`` request: decode it on sample 0's prompt KV, on sample 0's
+        decode worker (no prefill, no transfer; its first step there samples its first token).
+        None when there is nothing to fork from or no room there: the caller prefills it."""
+        source = await st.fork.source
+        if source is None:
+            return None
+        decode, parent_id, prompt = source
+        sampling = st.prepared.sampling
+        st.decode_worker = decode
+        num_blocks = math.ceil(min(len(prompt) + sampling.max_tokens, self.max_model_len) / self.config.engine.block_size)
+        self._account(st, decode, "reserved_blocks", num_blocks)
+        self._account(st, decode, "inflight_requests", 1)
+        try:
+            await self._call(decode, self.streams.ensure(decode))
+            t["prefill"] = time.monotonic()  # the sink takes its first delta as the first token
+            sink = self._open_sink(st, t, decode, detok, tokens, emit)
+            await decode.actor.fork.remote(parent_id, DecodeRequest(
+                st.request_id, len(prompt), prompt, None, sampling, self.eos_token_ids,
+                stream_id=self.streams.stream_id, position_delta=st.prepared.plan.position_delta))
+        except Exception as exc:  # noqa: BLE001 - gone, full or expired there: prefill this sample
+            if not isinstance(exc, (ForkUnavailableError, NoFreeBlocksError)):
+                st.avoid.add(decode.worker_id)
+                log.warning("request %s: fork on %s failed (%s); prefilling it", st.request_id, decode.worker_id,
+                            self._worker_failure(exc, decode))
+            await self._release_attempt(st)
+            t.pop("prefill", None)
+            return None
+        self.metrics.observe_fork()
+        # Its prompt KV is on the decode worker now: a failure from here on migrates, as after a transfer.
+        st.prefill_has_token = st.prefill_drained = True
         return await sink.done
 
     # -- worker failures: retry, migrate, or fail --------------------------------------------
@@ -373,7 +441,7 @@ class RouterCore:
           decode worker and re-prefill prompt + the tokens sent so far, which continues greedy
           output exactly where it stopped.
         Whatever the failed attempt held is let go first (its reservation, a KV transfer)."""
-        if st.prefill_gen is None:  # no decode worker could reserve: _reserve tried them all
+        if st.prefill_gen is None and not st.prefill_has_token:  # no decode worker could reserve (all tried)
             raise self._worker_failure(exc)
         stage, worker, error = await self._failed_stage(st, exc)
         cfg = self.config.router
@@ -642,6 +710,13 @@ def _first_token_stop(sampling: SamplingParams, tok: int, eos: tuple[int, ...], 
     if sampling.max_tokens <= 1 or num_prompt + 1 >= max_model_len:
         return ("length", "")
     return None
+
+
+def _forkable(prepared: PreparedRequest) -> bool:
+    """A fork recomputes the prompt's last token on the decode worker, which has no media
+    embeddings: that token must be text."""
+    last = len(prepared.plan.prompt_token_ids) - 1
+    return not any(o <= last < o + n for runs in prepared.plan.media_runs for o, n in runs)
 
 
 def _cancel(ref_or_gen) -> None:

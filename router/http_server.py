@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import socket
 import time
@@ -94,16 +93,6 @@ def _sse(payload: dict) -> bytes:
 # -- the two response shapes -------------------------------------------------------------------
 # Streamed chunks are plain dicts serialized with orjson (a chunk per token is the hot path);
 # each equals the ``model_dump()`` of its ``router.openai_protocol`` model (tests check that).
-def _fan_out(inp: GenerateInput, n: int) -> list[GenerateInput]:
-    """``n`` choices as ``n`` requests of the same prompt (vLLM v1's way: the prefix cache serves
-    the later prefills); a seeded request's choice i samples with seed + i, as vLLM does."""
-    if n == 1:
-        return [inp]
-    seed = inp.sampling.seed
-    return [dataclasses.replace(inp, request_id=f"{inp.request_id}-{i}", sampling=dataclasses.replace(
-        inp.sampling, seed=None if seed is None else seed + i)) for i in range(n)]
-
-
 class _ClientGone(Exception):
     pass
 
@@ -223,8 +212,7 @@ class OpenAIApp:
                 await s.aclose()
 
         try:
-            for one in _fan_out(inp, req.n):
-                streams.append(await self.core.submit(one))
+            streams += await self.core.submit_samples(inp, req.n)
         except InvalidRequestError as exc:
             await close_all()
             raise error_of(exc) from None

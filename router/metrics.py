@@ -75,6 +75,8 @@ class RouterMetrics:
         self.retries = Counter("tessera_request_retries", "Stages run again after a worker failed a request "
                                "(encoder/prefill: retried on another worker; decode: migrated)", ["stage"],
                                registry=r)
+        self.forks = Counter("tessera_forked_samples", "Samples of n > 1 requests decoded on the first sample's "
+                             "prompt KV (no prefill, no KV transfer of their own)", registry=r)
         self.http_responses = Counter("tessera_http_responses", "HTTP responses by endpoint and status code",
                                       ["endpoint", "code"], registry=r)
         self.router_requests = Gauge("tessera_router_requests", "Requests in the router: running in the pools "
@@ -90,6 +92,9 @@ class RouterMetrics:
     # -- the one place a finished request is recorded ---------------------------------------------
     def observe_retry(self, stage: str) -> None:
         self.retries.labels(stage).inc()
+
+    def observe_fork(self) -> None:
+        self.forks.inc()
 
     def observe_request(self, final: FinalEvent | None, failure: BaseException | None = None,
                         stop_reason: str = "") -> None:

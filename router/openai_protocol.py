@@ -24,7 +24,7 @@ from cluster.engine.inputs import MAX_CHAT_MESSAGES as MAX_MESSAGES  # the same 
 from cluster.engine.inputs import MAX_CHAT_PARTS as MAX_PARTS_PER_MESSAGE
 from cluster.request_types import MAX_LOGPROBS, SamplingParams
 
-MAX_N = 16  # choices per request (each one request of the same prompt: router/http_server._fan_out)
+MAX_N = 16  # choices per request (samples of one prompt: RouterCore.submit_samples)
 MAX_STOP_LIST = 64  # parse-time bound; SamplingParams enforces the real limit (16)
 
 

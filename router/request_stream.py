@@ -72,6 +72,21 @@ def coalesce(items: list, keep_first: bool = False) -> list:
 
 # -- per-request state -------------------------------------------------------------------------
 @dataclass
+class ForkGroup:
+    """The samples of one ``n > 1`` request: sample 0 runs the whole path and, when its decode
+    starts, resolves ``source`` with (decode worker, its request id, prompt token ids); the other
+    samples fork from that prompt KV (``DecodeWorker.fork``). None: nothing to fork from (sample
+    0 failed or ended at its first token), they are prefilled themselves."""
+
+    num_forks: int
+    source: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def resolve(self, value: tuple | None) -> None:
+        if not self.source.done():
+            self.source.set_result(value)
+
+
+@dataclass
 class RequestState:
     request_id: str
     prepared: PreparedRequest
@@ -100,6 +115,8 @@ class RequestState:
     accounted: list[tuple[PoolWorker, str, int]] = field(default_factory=list)  # (worker, attr, amount)
     avoid: set[str] = field(default_factory=set)  # ids of workers that failed this request
     num_retries: dict[str, int] = field(default_factory=dict)  # "encoder" | "prefill" | "decode" -> retries so far
+    fork: ForkGroup | None = None  # n > 1 in disaggregated mode: the group of samples ...
+    fork_index: int = 0  # ... and which one this is (0 runs the whole path)
 
 
 class RequestStream:

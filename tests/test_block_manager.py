@@ -63,6 +63,21 @@ def test_shared_block_is_freed_only_by_its_last_holder():
         bm.free([a])  # nobody holds it
 
 
+def test_forked_blocks_need_every_holder_to_free_them_and_only_held_blocks_fork():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    blocks = bm.allocate(2)  # unregistered: forks share in-use blocks, no prefix hash needed
+    bm.fork(blocks)
+    bm.fork(blocks[:1])
+    bm.free(blocks)
+    assert bm.num_used_blocks == 2
+    bm.free(blocks)
+    assert bm.num_used_blocks == 1 and bm.num_free_blocks == 3
+    bm.free(blocks[:1])
+    assert bm.num_used_blocks == 0 and bm.num_free_blocks == 4
+    with pytest.raises(ValueError):
+        bm.fork(blocks[:1])  # nobody holds it any more
+
+
 def test_cached_block_is_reused_and_leaves_the_free_count():
     bm = BlockManager(num_blocks=4, block_size=4)
     [a] = bm.allocate(1)

@@ -121,9 +121,16 @@ def test_openai_client_streams_an_image_chat_equal_to_grpc(served_cluster):
     assert full.usage.completion_tokens == len(want.token_ids)
 
 
+def prefill_and_fork_counts(stack) -> tuple[int, float]:
+    """(prompts prefilled by the prefill pool, samples forked on a decode worker) so far."""
+    prefilled = sum(c["num_prefilled"] or 0 for c in worker_counters(stack).values())
+    return prefilled, scrape(stack)[("tessera_forked_samples_total", ())]
+
+
 def test_n_choices_streamed_and_not_each_equal_the_engine_with_seed_plus_i(served_cluster, tiny_models):
     """``n`` choices: choice i is the request sampled with seed + i (vLLM's rule), the usage counts
-    the prompt once and every choice's tokens; streamed, the choices' chunks carry their index."""
+    the prompt once and every choice's tokens; streamed, the choices' chunks carry their index.
+    One prefill serves them all: the other samples fork from the first one's KV on decode."""
     from tests.helpers import reference, reference_engine
 
     stack = served_cluster("llava-clip-llama")
@@ -133,11 +140,14 @@ def test_n_choices_streamed_and_not_each_equal_the_engine_with_seed_plus_i(serve
                               for i in range(3)])
     assert len({tuple(c.token_ids) for c in want}) > 1  # the seeds do differ
     client = openai_client(stack)
+    before = prefill_and_fork_counts(stack)
     got = client.completions.create(model=model_name(stack), prompt=prompt, max_tokens=8, n=3, seed=5,
                                     temperature=1.0, extra_body={"ignore_eos": True})
     assert [c.index for c in got.choices] == [0, 1, 2]
     assert [c.text for c in got.choices] == [c.text for c in want]
     assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (want[0].prompt_tokens, 24)
+    after = prefill_and_fork_counts(stack)
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 2)  # one prefill, two forks
     chunks = client.chat.completions.create(model=model_name(stack), messages=[{"role": "user", "content": prompt}],
                                             max_tokens=6, n=2, temperature=0, stream=True,
                                             stream_options={"include_usage": True})
@@ -150,6 +160,32 @@ def test_n_choices_streamed_and_not_each_equal_the_engine_with_seed_plus_i(serve
     greedy = grpc_chat(stack, prompt, [], max_tokens=6)
     assert texts == {0: greedy.text, 1: greedy.text} and finishes == {0: "length", 1: "length"}
     assert usage.completion_tokens == 12
+    wait_until_idle(stack)
+
+
+def test_n_samples_of_an_image_prompt_share_one_encode_one_prefill_and_its_kv(served_cluster):
+    """Greedy samples of a chat with an image are the single request's output, token for token:
+    the forks decode on the first sample's prompt KV (its last block copied, the rest shared).
+    A first sample that ends at its first token leaves nothing to fork from: the others are
+    prefilled themselves, with the same result. Nothing stays held afterwards."""
+    stack = served_cluster("llava-clip-llama")
+    client = openai_client(stack)
+    content = [{"type": "image_url", "image_url": {"url": data_uri(IMAGE)}}, {"type": "text", "text": QUESTION}]
+    want = grpc_chat(stack, QUESTION, [MediaInput(IMAGE, "image/png")], max_tokens=12)
+    misses = sum(c["cache_misses"] or 0 for c in worker_counters(stack).values())
+    before = prefill_and_fork_counts(stack)
+    got = client.chat.completions.create(model=model_name(stack), messages=[{"role": "user", "content": content}],
+                                         n=4, temperature=0, max_tokens=12)
+    assert [c.message.content for c in got.choices] == [want.text] * 4
+    assert got.usage.completion_tokens == 4 * len(want.token_ids)
+    after = prefill_and_fork_counts(stack)
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 3)
+    assert sum(c["cache_misses"] or 0 for c in worker_counters(stack).values()) == misses  # (cached by grpc_chat)
+    one = client.chat.completions.create(model=model_name(stack), messages=[{"role": "user", "content": content}],
+                                         n=3, temperature=0, max_tokens=1)
+    assert [c.message.content for c in one.choices] == [one.choices[0].message.content] * 3
+    assert [c.finish_reason for c in one.choices] == ["length"] * 3
+    assert prefill_and_fork_counts(stack) == (after[0] + 3, after[1])  # each prefilled, none forked
     wait_until_idle(stack)
 
 

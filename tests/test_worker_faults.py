@@ -184,6 +184,29 @@ def test_a_migrated_request_counts_the_tokens_sent_as_output(stack, engine):
     wait_until_idle(stack)
 
 
+def test_forked_samples_migrate_like_any_request_when_their_decode_step_fails(stack, engine):
+    """n = 3 greedy: samples 1 and 2 run on sample 0's prompt KV on its decode worker; a step
+    there fails mid-stream: all three migrate (re-prefilled with their tokens) and end exactly as
+    the single request."""
+    import openai
+
+    story = "Once upon a time, a fork in the road"
+    [want] = expected_tokens(engine, [(story, [], SamplingParams(max_tokens=150, ignore_eos=True))])
+    before, forks = retries(stack, "decode"), stack.core.metrics.forks._value.get()
+    client = openai.OpenAI(base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    with ThreadPoolExecutor(1) as pool:
+        done = pool.submit(client.completions.create, model=stack.core.model_info()["model_name"], prompt=story,
+                           n=3, max_tokens=150, temperature=0, extra_body={"ignore_eos": True})
+        victim = wait_for(lambda: next((w for w in workers(stack, "decode") if w.inflight_requests == 3), None),
+                          30, "the three samples on one decode worker")
+        arm(victim, "forward", skip=2)
+        got = done.result(120)
+    assert stack.core.metrics.forks._value.get() == forks + 2
+    assert retries(stack, "decode") == before + 3  # each sample migrated once
+    assert [c.text for c in got.choices] == [stack.core.tokenizer.decode(want)] * 3
+    wait_until_idle(stack)
+
+
 def test_forward_exception_without_migration_fails_only_that_step(stack, engine):
     core = stack.core
     saved = core.config

@@ -434,6 +434,62 @@ def test_first_token_that_ends_the_request_ships_no_kv(workers_for, ray_session)
     assert load(ray_session, w.decode)["kv_blocks_free"] == load(ray_session, w.decode)["kv_blocks_total"]
 
 
+def test_forks_decode_on_the_parents_prompt_kv_exactly_and_free_everything(workers_for, ray_session):
+    """``generate(num_forks=2)`` then two ``fork`` calls: the forks' seeded samples equal the
+    reference's for their seeds, with prompts that end mid-block and at a block boundary (the
+    copied block is the one holding the prompt's last position). A third fork finds nothing to
+    fork from; once all end, every block is free."""
+    from cluster.contracts import ForkUnavailableError
+
+    w = workers_for("llava-clip-llama")
+    dec, block_size = w.decode, w.engine_config.block_size
+    total = load(ray_session, dec)["kv_blocks_total"]
+    prompts = [TEXT_PROMPT]
+    for k in range(64):  # a prompt that fills its last block exactly
+        text = TEXT_PROMPT + " Go" * k
+        if len(w.reference.inputs.prepare("x", text, [], SamplingParams()).plan.prompt_token_ids) % block_size == 0:
+            prompts.append(text)
+            break
+    assert len(prompts) == 2
+
+    def seeded(seed: int) -> SamplingParams:
+        return SamplingParams(max_tokens=10, ignore_eos=True, temperature=1.0, seed=seed)
+
+    async def parent_and_forks(prompt: str) -> list[list[int]]:
+        rid = f"fork-parent-{next(w.ids)}"
+        sampling = seeded(7)
+        ids = w.reference.inputs.prepare(rid, prompt, [], sampling).plan.prompt_token_ids
+        reservation = await dec.reserve.remote(rid, len(ids), sampling.max_tokens)
+        first, _ = [await r async for r in w.prefill.prefill.options(num_returns="streaming").remote(
+            PrefillRequest(rid, ids, [], sampling, ()), None, reservation)]
+        streams = await open_token_stream(dec, "decode")
+        sinks = [CollectingSink() for _ in range(3)]
+        for i, sink in enumerate(sinks):
+            streams.register("decode", f"{rid}-{i}" if i else rid, sink)
+        try:
+            await dec.generate.remote(DecodeRequest(rid, len(ids), ids, first.token_id, sampling, (),
+                                                    first.sampler_state, streams.stream_id), 2)
+            assert load(ray_session, dec)["num_fork_sources"] == 1
+            for i in (1, 2):
+                await dec.fork.remote(rid, DecodeRequest(f"{rid}-{i}", len(ids), ids, None, seeded(7 + i), (),
+                                                         stream_id=streams.stream_id))
+            assert load(ray_session, dec)["num_fork_sources"] == 0  # both taken: the pin is gone
+            with pytest.raises(ForkUnavailableError):
+                await dec.fork.remote(rid, DecodeRequest(f"{rid}-3", len(ids), ids, None, seeded(10), (),
+                                                         stream_id=streams.stream_id))
+            await asyncio.wait_for(asyncio.gather(*(s.done for s in sinks)), 60)
+        finally:
+            streams.close()
+        return [[first.token_id] + sinks[0].token_ids] + [s.token_ids for s in sinks[1:]]
+
+    for prompt in prompts:
+        got = asyncio.run(parent_and_forks(prompt))
+        want = reference_tokens(w, [(prompt, [], seeded(7 + i)) for i in range(3)])
+        assert got == want
+        assert len({tuple(t) for t in got}) > 1  # the seeds differ: the forks did not copy the parent
+    assert load(ray_session, dec)["kv_blocks_free"] == total
+
+
 # Last: switching transport or architecture restarts the actors (one set alive at a time).
 def test_llava_over_shm_equals_colocated(workers_for, ray_session):
     """Prefill and decode actors on this host pair over the shm transport (a shared-memory ring)."""

@@ -6,7 +6,7 @@ Every block is in exactly one of three states::
 
     free ──allocate──▶ in use (ref count >= 1) ──free, last ref, no hash──▶ free
       ▲                 │   ▲ register(hash): a FULL block whose KV is computed
-      │                 │   └─share: another request reuses it (ref + 1), read-only
+      │                 │   └─share / fork: another request reuses it (ref + 1), read-only
       │                 └──free, last ref, hashed──▶ cached (ref 0, keeps its KV and hash, LRU)
       └────────allocate evicts the least recently used cached block (its hash dropped)────┘
 
@@ -100,6 +100,15 @@ class BlockManager:
                 self._cached[b] = None
             else:
                 self._free.append(b)
+
+    def fork(self, block_ids: Sequence[int]) -> None:
+        """Take one more reference to blocks in use (``n`` samples of one prompt share its KV;
+        a block is written by nobody once it is shared, see ``DecodeWorker.fork``)."""
+        bad = [b for b in block_ids if b not in self._refs]
+        if bad:
+            raise ValueError(f"forking KV blocks that are not allocated: {bad}")
+        for b in block_ids:
+            self._refs[b] += 1
 
     # -- prefix cache ----------------------------------------------------------------------
     def register(self, block_id: int, block_hash: bytes) -> None:

@@ -40,6 +40,11 @@ class ModelRunner:
         self.kv_cache = self.spec.allocate(self.device)
 
     @torch.inference_mode()
+    def copy_block(self, src: int, dst: int) -> None:
+        """Every layer's K and V of block ``src`` into block ``dst`` (copy-on-write of a fork)."""
+        self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
+
+    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[int | None]:
         """Run one step; returns the sampled token per request (None: mid-prefill chunk)."""
         starts = [r.num_computed_tokens for r in batch.requests]
