@@ -11,6 +11,7 @@ end of the module.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -43,16 +44,36 @@ def pool(resources: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def two_nodes():
+    from ray._private import utils
     from ray.cluster_utils import Cluster
 
+    previous = utils.read_ray_address()  # what `ray start` on this machine left there, if anything
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={
         "num_cpus": 2, "resources": HEAD_RESOURCES, "include_dashboard": False,
         "_system_config": RAY_SYSTEM_CONFIG})
-    add_decode_node(cluster)
-    cluster.wait_for_nodes()
-    [decode_node] = cluster.worker_nodes
-    yield cluster, decode_node
-    cluster.shutdown()
+    try:
+        add_decode_node(cluster)
+        cluster.wait_for_nodes()
+        [decode_node] = cluster.worker_nodes
+        yield cluster, decode_node
+    finally:
+        stop(cluster, previous)
+
+
+def stop(cluster, previous_address: str | None) -> None:
+    """Every node's processes killed. Not ``Cluster.shutdown``: it resets this process's GCS kv
+    client, which the suite's own Ray instance still uses. The address file the head wrote is
+    put back as it was (a later ``ray.init()`` with no address would try to join the dead cluster)."""
+    from ray._private import utils
+
+    address = cluster.gcs_address  # (gone with the head)
+    for node in list(cluster.worker_nodes):
+        cluster.remove_node(node, allow_graceful=False)
+    cluster.remove_node(cluster.head_node, allow_graceful=False)
+    if utils.read_ray_address() == address:
+        os.remove(utils.get_ray_address_file(None))
+        if previous_address:
+            utils.write_ray_address(previous_address)
 
 
 class Serve:
