@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from cluster.request_types import SamplingParams
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -127,16 +128,6 @@ def add_decode_node(cluster) -> None:
 
 def decode_workers(client) -> list[dict]:
     return client.status()["pools"]["decode"]["workers"]
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def test_pools_pinned_to_nodes_serve_exactly_and_survive_the_decode_node_dying(two_nodes, tiny_models, tmp_path):

@@ -27,6 +27,7 @@ from cluster.controller import WorkerState
 from cluster.request_types import MediaInput, SamplingParams
 from models.media_samples import make_test_image
 from tests.conftest import TEST_ENGINE, ServedCluster
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -76,16 +77,6 @@ def arm(worker, point: str, action: str = "raise", **kwargs) -> None:
 
 def retries(stack, stage: str) -> float:
     return stack.core.metrics.retries.labels(stage)._value.get()
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def wait_until_idle(stack, timeout_s: float = 30.0) -> None:
