@@ -188,13 +188,17 @@ def fit_to_cluster_config(config: dict[str, Any]) -> tuple[dict[str, Any], list[
 
 
 class TesseraServer(ServerProcess):
-    def __init__(self, name: str, mode: str, config: dict[str, Any], roles: dict[str, list[int]], log_dir: Path):
+    """``address``: join that Ray cluster (``serve --address``) instead of starting a local one."""
+
+    def __init__(self, name: str, mode: str, config: dict[str, Any], roles: dict[str, list[int]], log_dir: Path,
+                 address: str | None = None):
         config, self.notes = fit_to_cluster_config(config)
         self.mode, self.roles = mode, roles
         self.config_path = log_dir / f"{name}.yaml"
         log_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        super().__init__(name, [sys.executable, "-m", "cluster.cli", "serve", "--config", str(self.config_path)],
+        cmd = [sys.executable, "-m", "cluster.cli", "serve", "--config", str(self.config_path)]
+        super().__init__(name, cmd + (["--address", address] if address else []),
                          cores=roles["router"], log_path=log_dir / f"{name}.log",
                          env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_ADDRESS": ""})
         self.grpc_address = ""

@@ -121,10 +121,7 @@ class DecodeWorker(BaseWorker):
             raise ValueError(f"duplicate request id {request_id!r}")
         if not 0 < num_prompt_tokens < self.max_model_len:
             raise ValueError(f"prompt of {num_prompt_tokens} tokens; the context length is {self.max_model_len}")
-        if len(self._slots) >= self.config.max_num_seqs:
-            raise NoFreeBlocksError(f"{self.worker_id} holds max_num_seqs={self.config.max_num_seqs} requests")
-        num_tokens = min(num_prompt_tokens + max_tokens, self.max_model_len)
-        block_ids = self.blocks.allocate(self.blocks.blocks_for_tokens(num_tokens))  # NoFreeBlocksError
+        block_ids = self.blocks.allocate(self._blocks_for_new_request(num_prompt_tokens, max_tokens))
         self._slots[request_id] = _Slot(request_id, block_ids)
         if self._handle is None:
             import ray
@@ -226,17 +223,17 @@ class DecodeWorker(BaseWorker):
         self._ensure_loop()
         rid = request.request_id
         source = self._forks.get(parent_id)
-        if source is None or source.num_prompt != request.num_prompt_tokens or request.first_token is not None:
+        if request.first_token is not None:
+            raise ValueError(f"a fork samples its own first token: {rid!r} has first_token set")
+        if source is None or source.num_prompt != request.num_prompt_tokens:
             raise ForkUnavailableError(f"no prompt KV of {parent_id!r} to fork {rid!r} from on {self.worker_id}")
         if rid in self._slots:
             raise ValueError(f"duplicate request id {rid!r}")
         self._check_stream(request.stream_id)
-        if len(self._slots) >= self.config.max_num_seqs:
-            raise NoFreeBlocksError(f"{self.worker_id} holds max_num_seqs={self.config.max_num_seqs} requests")
         req = self._make_request(request)
-        num_tokens = min(source.num_prompt + request.sampling.max_tokens, self.max_model_len)
         shared = source.block_ids[:-1]
-        own = self.blocks.allocate(self.blocks.blocks_for_tokens(num_tokens) - len(shared))  # NoFreeBlocksError
+        own = self.blocks.allocate(self._blocks_for_new_request(source.num_prompt, request.sampling.max_tokens)
+                                   - len(shared))
         # (safe beside a step in flight: the parent writes that block only from position num_prompt on)
         self.runner.copy_block(source.block_ids[-1], own[0])
         self.blocks.fork(shared)
@@ -247,6 +244,13 @@ class DecodeWorker(BaseWorker):
         self._slots[rid] = _Slot(rid, [], SlotState.RUNNING, req=req, stream_id=request.stream_id)
         self.scheduler.add_running(req)
         self._notify()
+
+    def _blocks_for_new_request(self, num_prompt_tokens: int, max_tokens: int) -> int:
+        """The blocks a request holds here for its whole life (prompt + max_tokens, capped at the
+        context length: decode never preempts); NoFreeBlocksError when it may not be admitted."""
+        if len(self._slots) >= self.config.max_num_seqs:
+            raise NoFreeBlocksError(f"{self.worker_id} holds max_num_seqs={self.config.max_num_seqs} requests")
+        return self.blocks.blocks_for_tokens(min(num_prompt_tokens + max_tokens, self.max_model_len))
 
     def _unpin(self, parent_id: str) -> None:
         self.blocks.free(self._forks.pop(parent_id).block_ids)

@@ -407,8 +407,7 @@ class RouterCore:
         decode, parent_id, prompt = source
         sampling = st.prepared.sampling
         st.decode_worker = decode
-        num_blocks = math.ceil(min(len(prompt) + sampling.max_tokens, self.max_model_len) / self.config.engine.block_size)
-        self._account(st, decode, "reserved_blocks", num_blocks)
+        self._account(st, decode, "reserved_blocks", self._blocks_for(len(prompt), sampling.max_tokens))
         self._account(st, decode, "inflight_requests", 1)
         try:
             await self._call(decode, self.streams.ensure(decode))
@@ -565,9 +564,12 @@ class RouterCore:
             raise WorkerUnavailableError(f"no ready {pool} worker")
         return [w for w in workers if w.worker_id not in avoid] or workers
 
+    def _blocks_for(self, num_prompt: int, max_tokens: int) -> int:
+        """The KV blocks a decode worker holds for a request (``DecodeWorker._blocks_for_new_request``)."""
+        return math.ceil(min(num_prompt + max_tokens, self.max_model_len) / self.config.engine.block_size)
+
     async def _reserve(self, st: RequestState, num_prompt: int, max_tokens: int) -> Reservation:
-        block_size = self.config.engine.block_size
-        num_blocks = math.ceil(min(num_prompt + max_tokens, self.max_model_len) / block_size)
+        num_blocks = self._blocks_for(num_prompt, max_tokens)
         waiting = False
         try:
             while True:

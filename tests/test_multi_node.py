@@ -12,17 +12,12 @@ end of the module.
 from __future__ import annotations
 
 import os
-import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-import yaml
 
 from cluster.request_types import SamplingParams
 from tests.helpers import wait_for
@@ -77,43 +72,6 @@ def stop(cluster, previous_address: str | None) -> None:
             utils.write_ray_address(previous_address)
 
 
-class Serve:
-    """``tessera serve --address ADDR --config FILE`` in a subprocess; its gRPC address once ready."""
-
-    def __init__(self, ray_address: str, config_file):
-        self.proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--address", ray_address,
-                                      "--config", str(config_file)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        ready = threading.Event()
-        self.grpc_address = ""
-
-        def read():
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                found = re.search(r"gRPC\s+(\S+)", line)
-                if found:
-                    self.grpc_address = found.group(1)
-                if "Press Ctrl-C" in line:
-                    ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        deadline = time.monotonic() + 300
-        while not ready.wait(0.5):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError("tessera serve did not come up:\n" + "".join(self.lines))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-
-
 def add_decode_node(cluster) -> None:
     """A decode node (again). Ray gives a new raylet 30 s to register, hard-coded; on a loaded
     2-core machine that can pass: try again."""
@@ -131,25 +89,29 @@ def decode_workers(client) -> list[dict]:
 
 
 def test_pools_pinned_to_nodes_serve_exactly_and_survive_the_decode_node_dying(two_nodes, tiny_models, tmp_path):
+    from benchmarks.servers import TesseraServer, log_tail
     from cluster.client import TesseraClient
     from cluster.config import EngineConfig
     from cluster.engine.colocated import ColocatedEngine
 
     cluster, decode_node = two_nodes
     engine = {"model": str(tiny_models[ARCH]), "kv_cache_memory_gb": 0.05}
-    config_file = tmp_path / "two-nodes.yaml"
-    config_file.write_text(yaml.safe_dump({
+    config = {
         "engine": engine,
         "pools": {"encoder": pool({"tessera_encoder": 1}), "prefill": pool({"tessera_prefill": 1}),
                   "decode": pool({"tessera_decode": 1})},
         "kv_transfer": {"transport": "gloo", "interface": "127.0.0.1", "timeout_s": 10},
-        "router": {"grpc_port": 0, "http_port": 0},
+        "router": {"host": "127.0.0.1", "grpc_port": 0, "http_port": 0},
         "controller": {"health_check_period_s": 0.5, "health_check_timeout_s": 5.0, "health_check_failures": 2},
-    }))
+    }
     greedy = SamplingParams(max_tokens=16, ignore_eos=True)
     [want] = ColocatedEngine(EngineConfig(**engine)).generate([(PROMPT, [], greedy)])
 
-    serve = Serve(cluster.address, config_file)
+    # The benchmarks' server process: `tessera serve --address ... --config ...`, addresses read
+    # from its start-up lines, stopped by SIGINT (then harder) at the end.
+    serve = TesseraServer("two-nodes", "disaggregated", config, {"router": None}, tmp_path,
+                          address=cluster.address).start(timeout_s=300)
+    proc = serve.proc
     client = TesseraClient(serve.grpc_address)
     try:
         status = client.status()
@@ -198,4 +160,4 @@ def test_pools_pinned_to_nodes_serve_exactly_and_survive_the_decode_node_dying(t
     finally:
         client.close()
         serve.stop()
-    assert serve.proc.returncode == 0, "".join(serve.lines[-30:])
+    assert proc.returncode == 0, log_tail(serve.log_path)
