@@ -48,6 +48,8 @@ class Settings:
     kv_repeats: int = 5
     # encoder cache
     cache_pairs: int = 12
+    # kv streaming
+    stream_rounds: int = 8  # sequential 8-image requests per server
     # scaling
     scaling_images: tuple[int, ...] = (0, 1, 2, 4, 6, 8)
     scaling_repeats: int = 4
@@ -60,7 +62,7 @@ class Settings:
         return cls(**{**dict(max_run_s=60.0, warmup_requests=1, text_concurrency=2, text_requests=4, vl_rate=1.0,
                              vl_lead_s=1.0, goodput_start_rate=0.5, goodput_max_probes=2, probe_seconds=4.0,
                              probe_min=3, probe_max=6, kv_blocks=(1, 16, 32), kv_repeats=2, cache_pairs=2,
-                             scaling_images=(0, 1, 2), scaling_repeats=1, throughput_concurrency=4,
+                             scaling_images=(0, 1, 2), scaling_repeats=1, stream_rounds=2, throughput_concurrency=4,
                              throughput_requests=6), **kw})
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,11 +109,12 @@ class Suite:
         return self._models[arch]
 
     # -- servers --------------------------------------------------------------------------------------
-    async def start_tessera(self, mode: str, arch: str = IMAGE_ARCH, *, num_decode: int = 1, tag: str = ""):
+    async def start_tessera(self, mode: str, arch: str = IMAGE_ARCH, *, num_decode: int = 1, tag: str = "",
+                            kv_transfer: dict[str, Any] | None = None):
         from benchmarks.servers import TesseraServer, tessera_config
 
         roles = {k: v for k, v in self.layout.to_dict().items() if isinstance(v, list) and k != "notes"}
-        config = tessera_config(mode, self.model(arch), roles, num_decode=num_decode)
+        config = tessera_config(mode, self.model(arch), roles, num_decode=num_decode, kv_transfer=kv_transfer)
         name = f"tessera-{mode}{tag}"
         return await self._launch(TesseraServer(name, mode, config, roles, self.log_dir))
 

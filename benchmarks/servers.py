@@ -134,7 +134,8 @@ class ServerProcess:
 
 # -- Tessera ----------------------------------------------------------------------------------------
 def tessera_config(mode: str, model_dir: str, roles: dict[str, list[int]], *, num_decode: int = 1,
-                   colocated_threads: int = 1, engine: dict[str, Any] | None = None) -> dict[str, Any]:
+                   colocated_threads: int = 1, engine: dict[str, Any] | None = None,
+                   kv_transfer: dict[str, Any] | None = None) -> dict[str, Any]:
     """The cluster config of one benchmarked deployment (as YAML data).
 
     Disaggregated: one encoder, one prefill, ``num_decode`` decode workers, each pinned to its
@@ -155,7 +156,8 @@ def tessera_config(mode: str, model_dir: str, roles: dict[str, list[int]], *, nu
     else:
         config["pools"] = {"encoder": pool("encoder", 1), "prefill": pool("prefill", 1),
                            "decode": pool("decode", num_decode)}
-        config["kv_transfer"] = {"transport": "shm"}  # every worker is on this host: the fastest CPU transport
+        # every worker is on this host: shm is the fastest CPU transport
+        config["kv_transfer"] = {"transport": "shm", **(kv_transfer or {})}
     return config
 
 

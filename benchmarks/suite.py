@@ -8,6 +8,8 @@ Comparisons (``COMPARISONS``; each returns the dict ``benchmarks.report`` render
 * ``goodput``: highest rate with >= 90% of multi-image requests within both SLOs; disaggregated
   vs colocated vs vLLM's CPU build (installed into its own venv only when this runs).
 * ``kv_transfer``: gloo, shm and ray transports vs memcpy, by payload size (``benchmarks.kv_bench``).
+* ``kv_streaming``: the second-token gap of 8-image prompts, with and without layer-wise KV
+  streaming, and colocated (``benchmarks.kv_streaming``).
 * ``encoder_cache``: TTFT of a repeated image vs a new one (the repeat hits the encoder cache and,
   for the KV of the prompt up to its new text, the prefill worker's prefix cache).
 * ``scaling``: TTFT against image tokens per request (linear fit), throughput against decode
@@ -34,6 +36,7 @@ from typing import Any
 
 from benchmarks.harness import (GOODPUT_SERVERS, Suite, comparison, distortion_notes, note_skipped, ratio_of,
                                 settle, to_ms)
+from benchmarks.kv_streaming import kv_streaming
 from benchmarks.peer_client import peer_client, peer_client_qwen_vl
 
 
@@ -413,7 +416,7 @@ async def scaling(suite: Suite) -> dict[str, Any]:
     return settle(comp, bool(points or workers))
 
 
-COMPARISONS = {"isolation": isolation, "goodput": goodput, "kv_transfer": kv_transfer,
+COMPARISONS = {"isolation": isolation, "goodput": goodput, "kv_transfer": kv_transfer, "kv_streaming": kv_streaming,
                "encoder_cache": encoder_cache, "scaling": scaling, "peer_client": peer_client,
                "peer_client_qwen_vl": peer_client_qwen_vl}
 

@@ -122,7 +122,8 @@ def status_to_dict(status: pb.ClusterStatus) -> dict[str, Any]:
     return {"pools": pools,
             "kv_transfer": {"transport": kv.transport, "bytes": kv.num_bytes_transferred,
                             "transfers_completed": kv.num_transfers_completed,
-                            "transfers_failed": kv.num_transfers_failed}}
+                            "transfers_failed": kv.num_transfers_failed,
+                            "transfers_streamed": kv.num_transfers_streamed}}
 
 
 @dataclass(frozen=True)

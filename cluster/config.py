@@ -264,6 +264,9 @@ class KVTransferConfig(_Closed):
                             "on one host (the fastest on CPU); ray: Ray object store; nccl: GPU (needs "
                             "nvidia-nccl-cu12)")
     timeout_s: float = Field(30.0, gt=0, le=3600, description="deadline of one request's whole KV transfer, seconds")
+    stream_layers: bool = Field(
+        True, description="start a request's KV transfer with the prefill step that computes its last chunk, each "
+                          "layer sent as soon as it is written (false: send after the first token is sampled)")
     interface: str = Field(
         "127.0.0.1", min_length=1,
         description="local IP address the workers' own sockets bind to: the KV transport's and the token "

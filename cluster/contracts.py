@@ -59,6 +59,9 @@ class PrefillRequest:
     # a re-prefill after migration: the last num_sent_tokens of prompt_token_ids are outputs the
     # client has (penalties and min_tokens count them as output)
     num_sent_tokens: int = 0
+    # decode was started with this prefill (DecodeRequest.first_from_prefill): also hand the
+    # first token to the reservation's decode worker, straight from here
+    first_token_to_decode: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,9 @@ class DecodeRequest:
     # M-RoPE models: PrefillRequest.position_delta; decode token i sits at position i + delta
     position_delta: int = 0
     num_sent_tokens: int = 0  # PrefillRequest.num_sent_tokens
+    # started before the first token exists (layer-wise KV streaming): the prefill worker hands
+    # it over (``DecodeWorker.kv_first_token``); first_token and sampler_state are None here
+    first_from_prefill: bool = False
 
 
 class ForkUnavailableError(RuntimeError):

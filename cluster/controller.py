@@ -65,7 +65,8 @@ BUSY_KEYS = {
     "colocated": ("num_queued_requests", "num_running"),
 }
 # load() counters of the KV transport, kept after their worker leaves so cluster totals never drop
-KV_COUNTERS = ("kv_bytes_received", "kv_bytes_sent", "kv_transfers_ok", "kv_transfers_failed")
+KV_COUNTERS = ("kv_bytes_received", "kv_bytes_sent", "kv_transfers_ok", "kv_transfers_failed",
+               "kv_transfers_streamed")
 
 
 class WorkerState(str, enum.Enum):
@@ -308,6 +309,8 @@ class Controller:
         """Bytes/transfers summed over decode workers' reports (the receiving side counts each
         transfer once), falling back to the prefill side's counters."""
         totals = {"bytes": 0, "transfers_completed": 0, "transfers_failed": 0}
+        prefill = [w.load for w in self.workers("prefill")] + [self._retired_kv.get("prefill", {})]
+        totals["transfers_streamed"] = sum(int(r.get("kv_transfers_streamed", 0)) for r in prefill)
         for pool, prefix in (("decode", "kv_bytes_received"), ("prefill", "kv_bytes_sent")):
             reports = [w.load for w in self.workers(pool)] + [self._retired_kv.get(pool, {})]
             num_bytes = sum(int(r.get(prefix, 0)) for r in reports)

@@ -31,6 +31,7 @@ import torch
 
 from cluster.contracts import WorkerInfo
 from cluster.faults import FaultInjector
+from cluster.kv_transfer.layer_gate import LayerGate
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -157,22 +158,27 @@ class BaseWorker:
         finally:
             self._step_times.observe(time.perf_counter() - start)
 
-    async def run_lm_step(self, batch) -> None:
+    async def run_lm_step(self, batch, gate: LayerGate | None = None) -> None:
         """One step of a language-model worker (prefill, decode): ``self.runner`` executes
         ``batch`` in the model thread, behind the ``forward`` fault point, and ``_postprocess``
         hands out the tokens. A step that raises fails only its own requests (``_fail_batch``);
-        the worker goes on."""
+        the worker goes on. ``gate`` learns of each layer written (and of a failure), for the
+        KV transfers this step feeds."""
         try:
-            tokens = await self.run_step(self._forward, batch)
-        except Exception as exc:  # noqa: BLE001 — fail this step's requests, keep serving
+            tokens = await self.run_step(self._forward, batch, gate)
+        except BaseException as exc:  # noqa: BLE001 — fail this step's requests, keep serving
+            if gate is not None:
+                gate.fail(exc)
+            if not isinstance(exc, Exception):  # (cancelled: the worker is stopping)
+                raise
             self._fail_batch(batch, exc)
             return
         self._step_ok()
         self._postprocess(batch, tokens)
 
-    def _forward(self, batch) -> list[int | None]:
+    def _forward(self, batch, gate: LayerGate | None = None) -> list[int | None]:
         self.faults.hit("forward")
-        return self.runner.execute(batch)
+        return self.runner.execute(batch, None if gate is None else gate.layer_done)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any, executor: ThreadPoolExecutor | None = None) -> T:
         """Run ``fn(*args)`` in a thread (the model thread by default) without blocking the loop."""

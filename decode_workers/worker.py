@@ -8,6 +8,9 @@ A request's life inside the worker (one ``_Slot`` per request id)::
     generate(DecodeRequest)         ─▶ RUNNING     Request(num_computed=len(prompt), output=[first])
                                                    joins the running batch (Scheduler.add_running);
                                                    generate returns
+      (layer-wise KV streaming: generate comes with the prefill, before the KV and the first
+       token exist; it waits for kv_first_token(id, token) from the prefill worker and for the
+       KV to land, and admits the request the moment both are there)
     fork(parent, DecodeRequest)     ─▶ RUNNING     sample i > 0 of an n > 1 request (see "Forks")
     engine loop: aborts -> schedule (one token per running request) -> execute (model thread)
                  -> post-process (append, token-level stops) -> send: one message per step per
@@ -32,6 +35,7 @@ own sampler (seed + i). The pin goes when the k forks took it, or after ``fork_t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import time
@@ -71,6 +75,8 @@ class _Slot:
     is_aborted: bool = False
     error: str | None = None
     landed: asyncio.Event = field(default_factory=asyncio.Event)  # set when the receive ended (ok or not)
+    first: tuple[int, bytes | None] | None = None  # (first token, sampler state) from kv_first_token
+    has_first: asyncio.Event = field(default_factory=asyncio.Event)  # set with `first`, or on release
     req: Request | None = None
     stream_id: str = ""  # RUNNING: the router token stream its outputs go to
 
@@ -175,6 +181,16 @@ class DecodeWorker(BaseWorker):
             slot.landed.set()
         return num_bytes
 
+    async def kv_first_token(self, request_id: str, token_id: int, sampler_state: bytes | None) -> bool:
+        """The prefill worker's first token of a request started early (``first_from_prefill``);
+        False if its reservation is gone (aborted, expired)."""
+        slot = self._slots.get(request_id)
+        if slot is None or slot.is_aborted or slot.state is SlotState.RUNNING or slot.first is not None:
+            return False
+        slot.first = (int(token_id), sampler_state)
+        slot.has_first.set()
+        return True
+
     def _recv(self, ticket: KVTicket, dst: list[int]) -> int:
         """Receive thread: the transfer's payload into blocks ``dst``."""
         self.faults.hit("kv_receive")
@@ -191,6 +207,14 @@ class DecodeWorker(BaseWorker):
         if slot is None or slot.is_aborted or slot.state is SlotState.RUNNING:
             raise ValueError(f"no reservation for {rid!r} on {self.worker_id} (aborted, expired or running)")
         self._check_stream(request.stream_id)
+        if request.first_from_prefill:  # started with the prefill: its first token comes from there
+            # (no deadline of its own: the prompt may queue; an abort, a failed transfer or the
+            # reservation's TTL sets the event too)
+            await slot.has_first.wait()
+            if slot.first is None or slot.is_aborted:
+                raise KVTransferError(f"no first token for {rid!r}: {slot.error or 'aborted'}")
+            request = dataclasses.replace(request, first_token=slot.first[0], sampler_state=slot.first[1],
+                                          first_from_prefill=False)
         req = self._make_request(request)
         status = req.check_stop(self.max_model_len)
         if status is not None:  # the first token ended it (prefill shipped no KV)
@@ -360,6 +384,7 @@ class DecodeWorker(BaseWorker):
         if self._slots.get(slot.request_id) is slot:
             del self._slots[slot.request_id]
         slot.landed.set()
+        slot.has_first.set()
 
     def _make_request(self, request: DecodeRequest) -> Request:
         prompt = list(request.prompt_token_ids)

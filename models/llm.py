@@ -16,6 +16,8 @@ column is still the dot product of the same weight row with the same input.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -268,6 +270,7 @@ class CausalLM(nn.Module):
         kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, Hkv, D]
         positions: torch.Tensor | None = None,  # [3, T] M-RoPE positions; None: meta.positions
         deepstack: tuple[torch.Tensor, torch.Tensor] | None = None,  # (rows [M], [M, k * hidden])
+        on_layer: Callable[[int], None] | None = None,  # called with i once layer i's KV is in kv_cache
     ) -> torch.Tensor:  # [T, hidden], after the final norm
         x = inputs_embeds
         cos, sin = self.model.rotary_emb(meta.positions if positions is None else positions, x.dtype)
@@ -279,6 +282,8 @@ class CausalLM(nn.Module):
                 rows = deepstack[0]
                 x = x.clone()
                 x[rows] = x[rows] + deepstack[1][:, i * hidden:(i + 1) * hidden]
+            if on_layer is not None:
+                on_layer(i)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

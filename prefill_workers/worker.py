@@ -9,21 +9,27 @@ A request's life inside the worker::
       │ admitted with blocks for the whole prompt, the first ones shared from the prefix
       │ cache when an earlier prompt began the same (tokens + media content hashes);
       │ chunked by max_num_batched_tokens, batched with other queued prompts     RUNNING
-      ▼ first token sampled: the request leaves the scheduler, its blocks stay held
-    yield PrefillFirstToken(token)          <- TTFT: nothing below delays it
-      │ ship task (send thread):
+      │
+      │ the step that computes the prompt's last chunk starts the ship task first
+      │ (kv_transfer.stream_layers): it sends layer l as soon as the step has written it
+      │ (LayerGate), while the model computes layer l + 1:
       │   decode.kv_expect(request_id, me) -> pair info    (decode now waits for this transfer)
       │   run_kv_transfer(my blocks -> reservation.block_ids[:n]), decode.kv_receive(ticket)
-      │   free my blocks                                   (always: success, failure, cancel)
-      │     (drops this request's references: a prefix block shared with another request stays
-      │      held by it; registered blocks nobody holds stay cached for later prompts)
+      │   (the task holds its own reference to the blocks and drops it when the transfer ends:
+      │    success, failure, cancel; a prefix block shared with another request stays held by
+      │    it; registered blocks nobody holds stay cached for later prompts)
+      ▼ first token sampled: the request leaves the scheduler and drops its block references
+    yield PrefillFirstToken(token)          <- TTFT: nothing below delays it
+      │ (stream_layers off: the ship task starts only now, from the finished cache)
     yield KVShipped(num_bytes, seconds)     or raise KVTransferError
+      (decode may already be running it: it admits a request the moment its KV lands)
 
 Cancelling the generator before the first token removes the request at the next step boundary
 (the engine loop is the only place blocks of scheduled requests are freed, so a step in flight
-never writes into a freed block); after it the ship task runs to completion and frees the blocks.
-When the first token already ends the request (EOS, max_tokens=1, ...) nothing is shipped and
-``KVShipped(0, 0.0)`` follows; the decode worker ends such a request without KV.
+never writes into a freed block); a transfer already streaming runs to completion by itself. A
+step that raises fails its gate, so a transfer waiting for one of its layers aborts at once.
+When the first token ends a request that was not streamed (EOS, max_tokens=1, ...) nothing is
+shipped and ``KVShipped(0, 0.0)`` follows; the decode worker ends such a request without KV.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from cluster.config import EngineConfig, KVTransferConfig
 from cluster.contracts import KVShipped, PrefillFirstToken, PrefillRequest, Reservation
 from cluster.engine.setup import build_lm_engine, resolve_engine_model
 from cluster.engine.request import Request, RequestStatus, media_slots
-from cluster.kv_transfer import KVTransferError, KVTransferMeta, iter_kv_layers, run_kv_transfer
+from cluster.kv_transfer import KVTransferError, KVTransferMeta, LayerGate, iter_kv_layers, run_kv_transfer
 from cluster.worker_base import BaseWorker, make_kv_endpoint
 from models.loader import load_model
 
@@ -66,8 +72,12 @@ class PrefillWorker(BaseWorker):
         self._requests: dict[str, Request] = {}  # in the scheduler (waiting or mid-prefill)
         self._first_token: dict[str, asyncio.Future] = {}  # -> (token_id, block_ids held for the send)
         self._aborts: set[str] = set()  # cancelled before their first token; applied between steps
+        self._reservations: dict[str, Reservation] = {}  # where each queued request's KV goes
+        self._ships: dict[str, asyncio.Task] = {}  # transfers streaming while the prompt's last chunk runs
+        self._first_to_decode: set[str] = set()  # requests whose decode worker takes the first token from us
         self._num_shipping = 0
         self._num_prefilled = 0
+        self._num_streamed = 0  # transfers started with the step that computed the prompt's last chunk
         self._transfer_ids = itertools.count()
 
     # -- API -------------------------------------------------------------------------------
@@ -81,6 +91,9 @@ class PrefillWorker(BaseWorker):
         future = asyncio.get_running_loop().create_future()
         self.scheduler.add(req)  # raises ValueError for a prompt larger than the whole cache
         self._requests[rid], self._first_token[rid] = req, future
+        self._reservations[rid] = reservation
+        if request.first_token_to_decode:
+            self._first_to_decode.add(rid)
         self._notify()
         try:
             token_id, block_ids = await future
@@ -91,19 +104,20 @@ class PrefillWorker(BaseWorker):
                 self._aborts.add(rid)
                 self._notify()
             raise
+        finally:  # (a transfer already streaming goes on by itself and frees what it holds)
+            del self._reservations[rid]
+            self._first_to_decode.discard(rid)
+            ship = self._ships.pop(rid, None)
         prefill_s = time.perf_counter() - start
-        state = req.sampler.generator.get_state().numpy().tobytes() if req.sampler.generator is not None else None
+        state = _sampler_state(req)
         logprob = req.output_logprobs[0] if req.output_logprobs else None
-        if req.check_stop(self.max_model_len) is not None:  # the first token ends it: no KV needed
-            self.blocks.free(block_ids)
-            yield PrefillFirstToken(token_id, prefill_s, state, logprob)
-            yield KVShipped(0, 0.0)
-            return
-        # The ship task owns the blocks from here on and frees them whatever happens to us.
-        ship = asyncio.get_running_loop().create_task(self._ship(req, block_ids, reservation))
-        ship.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if we are gone
-        yield PrefillFirstToken(token_id, prefill_s, state, logprob)
-        yield await asyncio.shield(ship)
+        first = PrefillFirstToken(token_id, prefill_s, state, logprob)
+        if ship is None and req.check_stop(self.max_model_len) is None:  # not streamed: send it now
+            ship = self._start_ship(req, block_ids, reservation)
+        self.blocks.free(block_ids)  # the request's own references (a transfer holds its own)
+        yield first
+        # (the first token may end a request whose transfer already streams: it completes anyway)
+        yield KVShipped(0, 0.0) if ship is None else await asyncio.shield(ship)
 
     # -- the loop --------------------------------------------------------------------------
     async def _engine_loop(self) -> None:
@@ -113,7 +127,23 @@ class PrefillWorker(BaseWorker):
             if batch is None:
                 await self._wait_for_work()
                 continue
-            await self.run_lm_step(batch)  # execute, post-process + send (wake the generators)
+            gate = self._stream_kv(batch) if self.kv_config.stream_layers else None
+            await self.run_lm_step(batch, gate)  # execute, post-process + send (wake the generators)
+
+    def _stream_kv(self, batch) -> LayerGate | None:
+        """Start the KV transfer of each request whose last prompt chunk this step computes, fed
+        layer by layer as the step writes it; the step's gate (None if it finishes no prompt)."""
+        finishing = [req for req, n in zip(batch.requests, batch.num_new_tokens)
+                     if req.num_computed_tokens + n == req.num_tokens and req.sampling.max_tokens > 1]
+        if not finishing:
+            return None
+        gate = LayerGate(self.runner.spec.num_layers, self.device)
+        for req in finishing:
+            reservation = self._reservations.get(req.request_id)
+            if reservation is not None:  # (None: its generator is gone; the abort comes next step)
+                self._ships[req.request_id] = self._start_ship(req, list(req.block_ids), reservation, gate)
+                self._num_streamed += 1
+        return gate
 
     def _fail_batch(self, batch, exc: BaseException) -> None:
         """A step raised: its requests fail (blocks freed); queued ones and later steps go on."""
@@ -140,8 +170,13 @@ class PrefillWorker(BaseWorker):
             self._num_prefilled += 1
             if future.cancelled():
                 self.blocks.free(block_ids)
-            else:
-                future.set_result((token, block_ids))
+                continue
+            future.set_result((token, block_ids))
+            if req.request_id in self._first_to_decode:  # decode waits for it: hand it over now
+                self._first_to_decode.discard(req.request_id)
+                decode = self._reservations[req.request_id].kv_endpoint["actor"]
+                ref = decode.kv_first_token.remote(req.request_id, token, _sampler_state(req))
+                ref.future().add_done_callback(lambda f: f.cancelled() or f.exception())  # (a gone decode: the router sees)
 
     def _apply_aborts(self) -> None:
         while self._aborts:
@@ -152,7 +187,18 @@ class PrefillWorker(BaseWorker):
                 self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)  # frees its blocks
 
     # -- KV shipping -----------------------------------------------------------------------
-    async def _ship(self, req: Request, block_ids: list[int], reservation: Reservation) -> KVShipped:
+    def _start_ship(self, req: Request, block_ids: list[int], reservation: Reservation,
+                    gate: LayerGate | None = None) -> asyncio.Task:
+        """The task that ships ``block_ids`` (written, or being written by ``gate``'s step) to the
+        reservation. It holds its own reference to the blocks (and frees it whatever happens), so
+        the request may leave the scheduler, or fail, while the transfer runs."""
+        self.blocks.fork(block_ids)
+        ship = asyncio.get_running_loop().create_task(self._ship(req, block_ids, reservation, gate))
+        ship.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if nobody waits
+        return ship
+
+    async def _ship(self, req: Request, block_ids: list[int], reservation: Reservation,
+                    gate: LayerGate | None) -> KVShipped:
         start = time.perf_counter()
         self._num_shipping += 1
         try:
@@ -170,7 +216,7 @@ class PrefillWorker(BaseWorker):
                 transfer_id=f"{req.request_id}/{self.worker_id}/{next(self._transfer_ids)}",
                 src_block_ids=block_ids, dst_block_ids=reservation.block_ids[:len(block_ids)],
                 num_tokens=req.num_prompt_tokens)
-            layers = iter_kv_layers(self.runner.kv_cache, block_ids)
+            layers = iter_kv_layers(self.runner.kv_cache, block_ids, gate, self.kv_config.timeout_s)
             if self.faults.enabled:  # (unwrapped, shm gathers straight from the cache into its ring)
                 layers = self._faulty(layers)
             _, received = await self.run_blocking(
@@ -236,5 +282,11 @@ class PrefillWorker(BaseWorker):
             "kv_bytes_sent": stats.num_bytes,
             "kv_transfers_ok": stats.num_ok,
             "kv_transfers_failed": stats.num_failed,
+            "kv_transfers_streamed": self._num_streamed,
             "kv_pairs": stats.num_pairs,
         }
+
+
+def _sampler_state(req: Request) -> bytes | None:
+    """The request's sampling generator after its first token (seeded sampling goes on from it)."""
+    return req.sampler.generator.get_state().numpy().tobytes() if req.sampler.generator is not None else None

@@ -363,38 +363,67 @@ class RouterCore:
         prefill = st.prefill_worker = policies.pick_prefill(self._ready("prefill", st.avoid))
         self._account(st, prefill, "inflight_tokens", num_prompt)
         self._account(st, prefill, "inflight_requests", 1)
+        # With layer-wise KV streaming decode starts with the prefill: the prefill worker hands
+        # it the first token itself, and it admits the request the moment that and the KV
+        # (streaming since the prompt's last chunk began) are there; its tokens wait in the sink
+        # until ours, the first, has gone out.
+        early = self.config.kv_transfer.stream_layers and sampling.max_tokens > 1
         request = PrefillRequest(st.request_id, prompt, list(plan.media_runs), sampling, self.eos_token_ids,
                                  [d.content_hash for d in st.prepared.media], plan.mrope_positions,
-                                 plan.position_delta, num_sent)
+                                 plan.position_delta, num_sent, first_token_to_decode=early)
         t.setdefault("prefill", time.monotonic())
         st.prefill_gen = prefill.actor.prefill.options(num_returns="streaming").remote(
             request, st.encode_ref, st.reservation)
-        first = await self._next(st.prefill_gen, PrefillFirstToken, "prefill")
-        st.prefill_has_token = True
-        if "first" not in t:
-            t["first"], t["prefill_s"] = time.monotonic(), first.prefill_s
-        self._unaccount_pools(st, "prefill", "encoder")  # their part is done
+        decode = st.decode_worker
+        num_forks = 0
+        started = None
+        try:
+            if early:
+                sink = self._open_sink(st, t, decode, detok, tokens, emit, hold=True)
+                num_forks = self._num_forks(st, num_sent)
+                started = decode.actor.generate.remote(DecodeRequest(
+                    st.request_id, num_prompt, prompt, None, sampling, self.eos_token_ids, None, self.streams.stream_id,
+                    plan.position_delta, num_sent, first_from_prefill=True), num_forks)
+            first = await self._next(st.prefill_gen, PrefillFirstToken, "prefill")
+            st.prefill_has_token = True
+            if "first" not in t:
+                t["first"], t["prefill_s"] = time.monotonic(), first.prefill_s
+            self._unaccount_pools(st, "prefill", "encoder")  # their part is done
 
-        finish = self._push_token(st, detok, first.token_id, tokens, emit, num_prompt, sampling, first.logprob)
-        t.setdefault("ttft", time.monotonic())
-        if finish is not None:
-            return finish  # done at the first token: cleanup drains the KV transfer, frees the blocks
+            finish = self._push_token(st, detok, first.token_id, tokens, emit, num_prompt, sampling, first.logprob)
+            t.setdefault("ttft", time.monotonic())
+            if finish is not None:  # done at the first token: cleanup drains the KV transfer, frees the blocks
+                if started is not None:  # (and aborts the decode that started early)
+                    started.future().add_done_callback(lambda f: f.cancelled() or f.exception())
+                return finish
 
-        shipped = await self._next(st.prefill_gen, KVShipped, "prefill")
+            # 3. decode: the tokens come over the token stream into the sink
+            if early:
+                sink.release()
+            else:
+                sink = self._open_sink(st, t, decode, detok, tokens, emit)
+                num_forks = self._num_forks(st, num_sent)
+                started = decode.actor.generate.remote(DecodeRequest(
+                    st.request_id, num_prompt, prompt, first.token_id, sampling, self.eos_token_ids,
+                    first.sampler_state, self.streams.stream_id, plan.position_delta, num_sent), num_forks)
+            # (a failed transfer fails that generate too, its reservation released: report ours)
+            shipped = await self._next(st.prefill_gen, KVShipped, "prefill")
+        except BaseException:
+            if started is not None:  # nothing to wait for: the attempt's cleanup aborts it there
+                started.future().add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise
         st.prefill_drained = True
         t["kv_s"] = t.get("kv_s", 0.0) + shipped.seconds
-
-        # 3. decode: the tokens come over the token stream into the sink
-        decode = st.decode_worker
         t["decode"] = time.monotonic()
-        sink = self._open_sink(st, t, decode, detok, tokens, emit)
-        num_forks = st.fork.num_forks if st.fork is not None and not st.fork.source.done() and not num_sent else 0
-        await self._call(decode, decode.actor.generate.remote(DecodeRequest(
-            st.request_id, num_prompt, prompt, first.token_id, sampling, self.eos_token_ids, first.sampler_state,
-            self.streams.stream_id, plan.position_delta, num_sent), num_forks))
+        await self._call(decode, started)
         if num_forks:
             st.fork.resolve((decode, st.request_id, prompt))
         return await sink.done
+
+    @staticmethod
+    def _num_forks(st: RequestState, num_sent: int) -> int:
+        """How many other samples will fork from this attempt's prompt KV (none on a re-prefill)."""
+        return st.fork.num_forks if st.fork is not None and not st.fork.source.done() and not num_sent else 0
 
     async def _fork(self, st: RequestState, t: dict, tokens: list[int], emit,
                     detok: IncrementalDetokenizer) -> tuple[str, str] | None:
@@ -514,10 +543,11 @@ class RouterCore:
         return await sink.done
 
     def _open_sink(self, st: RequestState, t: dict, worker: PoolWorker, detok: IncrementalDetokenizer,
-                   tokens: list[int], emit) -> DecodeSink:
+                   tokens: list[int], emit, hold: bool = False) -> DecodeSink:
         """Where ``worker``'s outputs for this request go, registered before the request is sent
-        (its first tokens may come before the call that started it returns)."""
-        st.sink = DecodeSink(st, t, f"{worker.pool} worker {worker.worker_id}", detok, tokens, emit)
+        (its first tokens may come before the call that started it returns); ``hold``: kept
+        until ``release()``."""
+        st.sink = DecodeSink(st, t, f"{worker.pool} worker {worker.worker_id}", detok, tokens, emit, hold)
         self.streams.register(worker.worker_id, st.request_id, st.sink)
         return st.sink
 

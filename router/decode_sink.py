@@ -16,7 +16,8 @@ from router.events import TokenEvent, WorkerUnavailableError
 
 
 class DecodeSink:
-    def __init__(self, st, timings: dict, worker_name: str, detok: IncrementalDetokenizer, tokens: list[int], emit):
+    def __init__(self, st, timings: dict, worker_name: str, detok: IncrementalDetokenizer, tokens: list[int], emit,
+                 hold: bool = False):
         self.st = st  # router.request_stream.RequestState
         self.t = timings  # the driver's stage clock (monotonic stamps, see RouterCore._final)
         self.worker_name = worker_name  # "decode worker decode-0", for errors
@@ -25,8 +26,20 @@ class DecodeSink:
         self.emit = emit
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()  # -> (finish_reason, message)
         self.done.add_done_callback(lambda f: f.cancelled() or f.exception())  # (retrieved even if unawaited)
+        # hold: outputs are kept until release() (decode started before the first token, which
+        # the driver emits, reached the router)
+        self._held: list[tuple] | None = [] if hold else None
+
+    def release(self) -> None:
+        """Pass on what was held, in order, and everything from now on."""
+        held, self._held = self._held or [], None
+        for args in held:
+            self.push(*args)
 
     def push(self, token_ids: list[int], finish_reason: str | None, logprobs: list | None = None) -> None:
+        if self._held is not None:
+            self._held.append((token_ids, finish_reason, logprobs))
+            return
         if self.done.done():
             return  # finished here (a stop string): the worker's abort is on its way
         now = time.monotonic()

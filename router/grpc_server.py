@@ -188,7 +188,8 @@ def status_to_proto(status: dict[str, Any]) -> pb.ClusterStatus:
     out.kv_transfer.CopyFrom(pb.KVTransferStatus(
         transport=kv["transport"], num_bytes_transferred=kv.get("bytes", 0),
         num_transfers_completed=kv.get("transfers_completed", 0),
-        num_transfers_failed=kv.get("transfers_failed", 0)))
+        num_transfers_failed=kv.get("transfers_failed", 0),
+        num_transfers_streamed=kv.get("transfers_streamed", 0)))
     return out
 
 

@@ -192,6 +192,9 @@ class _WorkerCollector:
         kv_transfers = CounterMetricFamily("tessera_kv_transfers", "KV transfers by result", labels=["result"])
         kv_transfers.add_metric(["ok"], kv["transfers_completed"])
         kv_transfers.add_metric(["failed"], kv["transfers_failed"])
+        kv_streamed = CounterMetricFamily("tessera_kv_transfers_streamed", "KV transfers started with the prefill "
+                                          "step that computed the prompt's last chunk (kv_transfer.stream_layers)",
+                                          value=kv["transfers_streamed"])
         step_seconds = HistogramMetricFamily(
             "tessera_worker_step_seconds", "Model-step wall time of a pool's workers (decode: one token for the "
             "whole batch; prefill: one chunk; encoder: one batch), as the workers report it", labels=["pool"])
@@ -202,7 +205,7 @@ class _WorkerCollector:
                 cumulative.append((str(bound) if bound != float("inf") else "+Inf", total))
             step_seconds.add_metric([pool], cumulative, hist["sum"])
         yield from (workers, queued, queued_tokens, running, kv_used, kv_total, hits, misses, hit_rate, kv_bytes,
-                    kv_transfers, step_seconds, prefix_hits, prefix_queries)
+                    kv_transfers, kv_streamed, step_seconds, prefix_hits, prefix_queries)
 
 
 def _add_steps(into: dict, report: dict) -> None:

@@ -123,6 +123,8 @@ def test_kv_bytes_of_one_request_are_counted_in_cluster_status(served_cluster):
     blocks = -(-got.prompt_tokens // block)
     assert got.prompt_tokens * bytes_per_token <= moved <= blocks * block * bytes_per_token
     assert after["transfers_completed"] == before["transfers_completed"] + 1
+    # layer-wise: started with the prefill step of the prompt's last chunk, not after it
+    assert after["transfers_streamed"] == before["transfers_streamed"] + 1
     assert after["transport"] == "auto"  # the default: shm here (one host), gloo across nodes
 
 

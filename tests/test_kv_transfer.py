@@ -298,6 +298,73 @@ def test_rendezvous_receiver_threads_started_out_of_order(rdv_sender, rdv_receiv
     assert_landed(spec.make(), rdv_receiver.kv, before, (1, 2, 5, 6, 7), (3, 4, 8, 9, 10))
 
 
+@pytest.mark.timeout(60)
+def test_rendezvous_layer_wise_each_layer_lands_as_the_step_writes_it(rdv_sender, rdv_receiver):
+    """The sender reads layer l once a (played) prefill step has written it, one layer every
+    0.3 s: layer 0 is in the receiver's blocks while the step still computes the last layers."""
+    spec = rdv_sender.spec
+    src = spec.make()
+    before = rdv_receiver.kv.clone()
+    meta = make_meta(spec, "t-layerwise")
+    dst = list(DST_BLOCKS)
+    landed: dict[int, float] = {}
+    result: dict[str, object] = {}
+
+    def recv():
+        result["bytes"] = rdv_receiver.recv(ticket_of(rdv_sender, meta), 15.0)
+        result["done"] = time.monotonic()
+
+    thread = threading.Thread(target=recv)
+    thread.start()
+    rdv_sender.request("send", peer_id=RECEIVER_ID, meta=meta, timeout_s=15.0, gate_every_s=0.3)
+    while thread.is_alive() or len(landed) < spec.num_layers:
+        for layer in range(spec.num_layers):
+            if layer not in landed and torch.equal(rdv_receiver.kv[layer][:, dst], src[layer][:, list(SRC_BLOCKS)]):
+                landed[layer] = time.monotonic()
+        if not thread.is_alive() and len(landed) < spec.num_layers:
+            break
+        time.sleep(0.005)
+    thread.join(10.0)
+    assert rdv_sender.reply(30.0)["ok"] and result["bytes"] == meta.num_bytes
+    assert_landed(src, rdv_receiver.kv, before, SRC_BLOCKS, DST_BLOCKS)
+    assert sorted(landed, key=landed.get) == list(range(spec.num_layers))  # in order, one by one
+    assert result["done"] - landed[0] > 0.5  # layer 0 was there ~3 layer-times before the end
+
+
+@pytest.mark.timeout(60)
+def test_rendezvous_prefill_step_failing_between_layers_fails_both_ends_fast(rdv_sender, rdv_receiver):
+    """The step fails after writing 2 layers: the transfer waiting for layer 2 aborts at once
+    on both ends (not after its deadline), and the pair serves the next transfer."""
+    spec = rdv_sender.spec
+    t0 = time.monotonic()
+    reply, got = transfer(rdv_sender, rdv_receiver, make_meta(spec, "t-step-fails"), recv_timeout_s=10.0,
+                          timeout_s=10.0, gate_every_s=0.1, gate_fail_after=2)
+    assert not reply["ok"] and "prefill step failed" in reply["error"], reply
+    assert isinstance(got, KVTransferError) and not isinstance(got, KVTransferTimeout), got
+    assert time.monotonic() - t0 < 5.0
+
+    before = rdv_receiver.kv.clone()
+    reply, got = transfer(rdv_sender, rdv_receiver, make_meta(spec, "t-after-step-failed"))
+    assert reply["ok"] and got == reply["num_bytes"]
+    assert_landed(spec.make(), rdv_receiver.kv, before, SRC_BLOCKS, DST_BLOCKS)
+
+
+@pytest.mark.timeout(60)
+def test_rendezvous_prefill_step_stalling_between_layers_times_out_both_ends(rdv_sender, rdv_receiver):
+    """The step stops after 2 layers and never comes back: both ends give up within the
+    transfer's deadline, and the pair recovers."""
+    spec = rdv_sender.spec
+    t0 = time.monotonic()
+    reply, got = transfer(rdv_sender, rdv_receiver, make_meta(spec, "t-step-stalls"), recv_timeout_s=1.5,
+                          timeout_s=1.5, gate_every_s=0.1, gate_stall_after=2)
+    assert not reply["ok"] and reply["timeout"], reply
+    assert isinstance(got, KVTransferTimeout), got
+    assert time.monotonic() - t0 < 6.0
+
+    reply, got = transfer(rdv_sender, rdv_receiver, make_meta(spec, "t-after-step-stalled"))
+    assert reply["ok"] and got == reply["num_bytes"]
+
+
 # -- Ray object store between two actors ----------------------------------------------------------
 
 

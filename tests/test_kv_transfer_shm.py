@@ -106,7 +106,9 @@ def test_chunk_plan_covers_every_block_once():
             seen += [(piece.layer, piece.half, b) for b in range(piece.start, piece.stop)]
         assert end <= 4096
     assert seen == [(l, h, b) for l in range(spec.num_layers) for h in (0, 1) for b in range(len(SRC_BLOCKS))]
-    assert len(plan) == -(-len(seen) * row // 4096)
+    per_layer = 2 * len(SRC_BLOCKS) * row  # a chunk never spans two layers
+    assert len(plan) == spec.num_layers * -(-per_layer // 4096)
+    assert all(len({p.layer for p in pieces}) == 1 for pieces in plan)
     with pytest.raises(KVTransferError, match="more than a ring slot"):
         shm.chunk_plan(make_meta(CacheSpec(head_dim=1024), "t-big", (0,), (1,)), 4096)
 

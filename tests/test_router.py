@@ -140,7 +140,7 @@ def test_controller_membership_states_and_status_shape():
     assert states == {"encoder-0": "starting", "prefill-0": "dead", "decode-0": "ready", "decode-1": "draining"}
     assert status["pools"]["decode"]["desired_size"] == 2
     assert status["kv_transfer"] == {"transport": "gloo", "bytes": 300, "transfers_completed": 0,
-                                     "transfers_failed": 0}
+                                     "transfers_failed": 0, "transfers_streamed": 0}
     ctl.remove_worker("decode-1")
     assert [w.worker_id for w in ctl.workers("decode")] == ["decode-0"]
 

@@ -346,16 +346,18 @@ class WorkerLoad(_message.Message):
     def __init__(self, num_queued_requests: _Optional[int] = ..., num_queued_tokens: _Optional[int] = ..., num_running_requests: _Optional[int] = ..., num_kv_blocks_free: _Optional[int] = ..., num_kv_blocks_total: _Optional[int] = ..., num_encoder_cache_hits: _Optional[int] = ..., num_encoder_cache_misses: _Optional[int] = ...) -> None: ...
 
 class KVTransferStatus(_message.Message):
-    __slots__ = ("transport", "num_bytes_transferred", "num_transfers_completed", "num_transfers_failed")
+    __slots__ = ("transport", "num_bytes_transferred", "num_transfers_completed", "num_transfers_failed", "num_transfers_streamed")
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     NUM_BYTES_TRANSFERRED_FIELD_NUMBER: _ClassVar[int]
     NUM_TRANSFERS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
     NUM_TRANSFERS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    NUM_TRANSFERS_STREAMED_FIELD_NUMBER: _ClassVar[int]
     transport: str
     num_bytes_transferred: int
     num_transfers_completed: int
     num_transfers_failed: int
-    def __init__(self, transport: _Optional[str] = ..., num_bytes_transferred: _Optional[int] = ..., num_transfers_completed: _Optional[int] = ..., num_transfers_failed: _Optional[int] = ...) -> None: ...
+    num_transfers_streamed: int
+    def __init__(self, transport: _Optional[str] = ..., num_bytes_transferred: _Optional[int] = ..., num_transfers_completed: _Optional[int] = ..., num_transfers_failed: _Optional[int] = ..., num_transfers_streamed: _Optional[int] = ...) -> None: ...
 
 class ScaleRequest(_message.Message):
     __slots__ = ("desired_sizes",)

@@ -102,8 +102,9 @@ class BlockManager:
                 self._free.append(b)
 
     def fork(self, block_ids: Sequence[int]) -> None:
-        """Take one more reference to blocks in use (``n`` samples of one prompt share its KV;
-        a block is written by nobody once it is shared, see ``DecodeWorker.fork``)."""
+        """Take one more reference to blocks in use: ``n`` samples of one prompt share its KV (a
+        block is written by nobody once it is shared, see ``DecodeWorker.fork``); a KV transfer
+        holds the blocks it reads until it ends (``PrefillWorker._start_ship``)."""
         bad = [b for b in block_ids if b not in self._refs]
         if bad:
             raise ValueError(f"forking KV blocks that are not allocated: {bad}")

@@ -9,6 +9,8 @@ tokens and returns those tokens; it changes no request state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from cluster.engine.request import Request
@@ -45,8 +47,9 @@ class ModelRunner:
         self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[int | None]:
-        """Run one step; returns the sampled token per request (None: mid-prefill chunk)."""
+    def execute(self, batch: ScheduledBatch, on_layer: Callable[[int], None] | None = None) -> list[int | None]:
+        """Run one step; returns the sampled token per request (None: mid-prefill chunk).
+        ``on_layer(i)``: layer i's KV of this step is written (layer-wise KV streaming)."""
         starts = [r.num_computed_tokens for r in batch.requests]
         ends = [s + n for s, n in zip(starts, batch.num_new_tokens)]
         token_ids = [t for r, s, e in zip(batch.requests, starts, ends) for t in r.token_ids(s, e)]
@@ -63,7 +66,7 @@ class ModelRunner:
         meta = self.attention.build(batch.num_new_tokens, ends, [r.block_ids for r in batch.requests],
                                     self.spec.block_size)
         positions = self._mrope_positions(batch.requests, starts, ends) if self.lm.is_mrope else None
-        hidden = self.lm(embeds, meta, self.kv_cache, positions, deepstack)  # [T, hidden]
+        hidden = self.lm(embeds, meta, self.kv_cache, positions, deepstack, on_layer)  # [T, hidden]
 
         # Sample only for requests whose step covered all their tokens.
         last_rows, samplers, histories, sampled_idx = [], [], [], []

@@ -19,6 +19,7 @@ from .base import (
     make_kv_sender,
     run_kv_transfer,
 )
+from .layer_gate import LayerGate
 from .layout import block_index, gather_kv_layer, iter_kv_layers, scatter_kv_layer
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "KVTransferState",
     "KVTransferStats",
     "KVTransferTimeout",
+    "LayerGate",
     "block_index",
     "gather_kv_layer",
     "iter_kv_layers",

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .base import KVTransferError, KVTransferMeta
+from .layer_gate import LayerGate
 
 
 def block_index(block_ids: Sequence[int], device: torch.device | str) -> torch.Tensor:
@@ -31,28 +32,37 @@ def gather_kv_layer(kv: torch.Tensor, layer: int, index: torch.Tensor) -> torch.
 class KVLayers(Iterator[torch.Tensor]):
     """What `iter_kv_layers` returns: the gathered layers, one per `next`, and also the cache and
     blocks they come from, so a transport that stages through its own buffer can gather straight
-    into it (shm does) instead of copying each gathered layer once more."""
+    into it (shm does) instead of copying each gathered layer once more.
 
-    def __init__(self, kv: torch.Tensor, block_ids: Sequence[int]):
+    With a `gate` (layer_gate.py) the KV is still being computed: layer l is read only once the
+    gate says the running step has written it (`wait_layer`, which `next` calls too)."""
+
+    def __init__(self, kv: torch.Tensor, block_ids: Sequence[int], gate: LayerGate | None = None,
+                 timeout_s: float | None = None):
         self.kv = kv  # the sender's whole cache [L, 2, num_blocks, bs, H, D]
         self.block_ids = tuple(int(b) for b in block_ids)
         self.index = block_index(self.block_ids, kv.device)  # [n] int64 on kv's device
+        self.gate, self.timeout_s = gate, timeout_s
         self._next_layer = 0
+
+    def wait_layer(self, layer: int, timeout_s: float | None = None) -> None:
+        """Return once layer `layer` may be read (at once without a gate)."""
+        if self.gate is not None:
+            self.gate.wait(layer, self.timeout_s if timeout_s is None else timeout_s)
 
     def __next__(self) -> torch.Tensor:
         if self._next_layer >= self.kv.shape[0]:
             raise StopIteration
+        self.wait_layer(self._next_layer)
         self._next_layer += 1
         return gather_kv_layer(self.kv, self._next_layer - 1, self.index)
 
 
-def iter_kv_layers(kv: torch.Tensor, block_ids: Sequence[int]) -> KVLayers:
-    """Layers of `block_ids` one at a time, for `KVSender.send` when the cache is complete.
-
-    When prefill computes layer by layer, yield `gather_kv_layer(kv, l, index)` from the model
-    loop instead, right after layer l's KV is written.
-    """
-    return KVLayers(kv, block_ids)
+def iter_kv_layers(kv: torch.Tensor, block_ids: Sequence[int], gate: LayerGate | None = None,
+                   timeout_s: float | None = None) -> KVLayers:
+    """Layers of `block_ids` one at a time, for `KVSender.send`: of a complete cache, or (with
+    `gate`) of the step now computing them, each as soon as it is written (up to `timeout_s`)."""
+    return KVLayers(kv, block_ids, gate, timeout_s)
 
 
 def scatter_kv_layer(kv: torch.Tensor, layer: int, index: torch.Tensor, src: torch.Tensor) -> None:

@@ -136,7 +136,9 @@ def row_bytes(meta: KVTransferMeta) -> int:
 
 
 def chunk_plan(meta: KVTransferMeta, slot_bytes: int) -> list[tuple[Piece, ...]]:
-    """The transfer as chunks (one slot each) of pieces, in layer, K/V, block order."""
+    """The transfer as chunks (one slot each) of pieces, in layer, K/V, block order. A chunk holds
+    one layer at most: a layer goes out as soon as it is written (layer-wise streaming), not
+    with the next one."""
     row = row_bytes(meta)
     if row > slot_bytes:
         raise KVTransferError(f"one block of K is {row} bytes, more than a ring slot ({slot_bytes})",
@@ -157,7 +159,8 @@ def chunk_plan(meta: KVTransferMeta, slot_bytes: int) -> list[tuple[Piece, ...]]
                 pieces.append(Piece(layer, half, start, stop, used))
                 used += (stop - start) * row
                 start = stop
-    chunks.append(tuple(pieces))
+        chunks.append(tuple(pieces))
+        pieces, used = [], 0
     return chunks
 
 
@@ -327,6 +330,13 @@ class _PieceSource:
         self._layers = None if self.direct is not None else validated_layers(meta, layers)
         self._layer, self._tensor = -1, None
 
+    def wait_layer(self, layer: int, deadline: Deadline) -> None:
+        """Until `layer` may be read: at once, unless prefill is still computing it (a gated
+        `iter_kv_layers`; other iterables wait inside their own `next`)."""
+        left = deadline.remaining(f"waiting for layer {layer}")
+        if self.direct is not None:
+            self.direct.wait_layer(layer, left)
+
     def write(self, piece: Piece, slot: torch.Tensor, slot_np: np.ndarray) -> None:
         n = piece.stop - piece.start
         if self.rows is not None:
@@ -377,7 +387,7 @@ def _send_chunks(comm: ShmComm, meta: KVTransferMeta, layers: Iterable[torch.Ten
         start = (c % comm.num_slots) * comm.slot_bytes
         slot, slot_np = comm.slot(c), ring_np[start:start + comm.slot_bytes]
         for piece in pieces:
-            deadline.remaining(f"writing layer {piece.layer}")
+            source.wait_layer(piece.layer, deadline)
             source.write(piece, slot, slot_np)
         if c == len(plan) - 1:
             source.finish()  # a wrong layer count fails before the receiver has it all

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import threading
 import time
 import traceback
 from collections.abc import Iterable, Iterator
@@ -31,6 +32,7 @@ from .base import (
     make_kv_receiver,
     make_kv_sender,
 )
+from .layer_gate import LayerGate
 from .layout import block_index, iter_kv_layers
 
 
@@ -136,6 +138,26 @@ def _scripted(layers: Iterable[torch.Tensor], stall_after: int | None, stall_s: 
         yield layer
 
 
+def gated_compute(num_layers: int, every_s: float, fail_after: int | None = None,
+                  stall_after: int | None = None) -> LayerGate:
+    """A gate opened by a thread playing a prefill step: layer l is written at (l + 1) x every_s;
+    with `fail_after`, the step fails after that many layers; with `stall_after`, it stops there."""
+    gate = LayerGate(num_layers)
+
+    def step() -> None:
+        for layer in range(num_layers):
+            time.sleep(every_s)
+            if fail_after is not None and layer == fail_after:
+                gate.fail(PrefillCrashed(f"prefill step failed in layer {layer}"))
+                return
+            if stall_after is not None and layer == stall_after:
+                return
+            gate.layer_done(layer)
+
+    threading.Thread(target=step, daemon=True).start()
+    return gate
+
+
 class KVEndpoint:
     """A worker's KV side for tests: a seeded cache plus a sender (role "sender") or receiver."""
 
@@ -160,9 +182,15 @@ class KVEndpoint:
         timeout_s: float | None = None,
         **script: Any,
     ) -> KVSendResult:
-        """Send `meta.src_block_ids`; `script` goes to `scripted_layers` (stalls, failures)."""
+        """Send `meta.src_block_ids`; `script` goes to `scripted_layers` (stalls, failures), or,
+        with `gate_every_s`, to `gated_compute` (layers read as a prefill step writes them)."""
         assert self.sender is not None
-        layers = scripted_layers(iter_kv_layers(self.kv, meta.src_block_ids), **script)
+        if "gate_every_s" in script:
+            gate = gated_compute(self.kv.shape[0], script["gate_every_s"], script.get("gate_fail_after"),
+                                 script.get("gate_stall_after"))
+            layers = iter_kv_layers(self.kv, meta.src_block_ids, gate, timeout_s)
+        else:
+            layers = scripted_layers(iter_kv_layers(self.kv, meta.src_block_ids), **script)
         return self.sender.send(peer_id, meta, layers, timeout_s)
 
     def recv(self, ticket: KVTicket, timeout_s: float | None = None) -> int:
@@ -207,7 +235,8 @@ def _serve(endpoint: KVEndpoint, msg: dict[str, Any]) -> dict[str, Any]:
             endpoint.connect(msg["peer_id"], msg["info"])
             return {"ok": True}
         if op == "send":
-            script = {k: msg[k] for k in ("stall_after", "stall_s", "fail_after") if k in msg}
+            script = {k: msg[k] for k in ("stall_after", "stall_s", "fail_after", "gate_every_s", "gate_fail_after",
+                                          "gate_stall_after") if k in msg}
             result = endpoint.send(
                 msg["peer_id"], KVTransferMeta.from_msgpack(msg["meta"]), timeout_s=msg.get("timeout_s"), **script
             )
