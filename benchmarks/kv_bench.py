@@ -68,7 +68,7 @@ def rendezvous_gbps(transport: str, block_counts: list[int], repeats: int, send_
                             torch_threads=len(send_cores)) as send:
         pin_process(recv.process.pid, recv_cores)
         pin_process(send.process.pid, send_cores)
-        info = recv.call("info")["info"]
+        info = recv.call("info", sender_id="bench-prefill")["info"]
         assert send.call("connect", peer_id="bench-decode", info=info)["ok"]
         for n in block_counts:
             times = []
@@ -124,7 +124,7 @@ def ray_gbps(block_counts: list[int], repeats: int, send_cores: list[int], recv_
     receiver = Endpoint.remote("receiver", "ray", "bench-decode", asdict(replace(spec, seed=1)), timeout_s=timeout_s)
     try:
         ray.get([sender.pin.remote(send_cores), receiver.pin.remote(recv_cores)], timeout=timeout_s)
-        ray.get(sender.connect.remote("bench-decode", ray.get(receiver.endpoint_info.remote())), timeout=timeout_s)
+        ray.get(sender.connect.remote("bench-decode", ray.get(receiver.pair_info.remote("bench-prefill"))), timeout=timeout_s)
         rows = []
         for n in block_counts:
             times = []

@@ -25,6 +25,7 @@ from cluster.kv_transfer import (
     testing,
 )
 from cluster.kv_transfer.local import LocalKVSender
+from cluster.kv_transfer.rendezvous import KVPeerRefused
 from cluster.kv_transfer.testing import CacheSpec, EndpointProcess, KVEndpoint
 
 SENDER_ID = "prefill-0"
@@ -351,18 +352,58 @@ def test_rendezvous_prefill_step_failing_between_layers_fails_both_ends_fast(rdv
 
 @pytest.mark.timeout(60)
 def test_rendezvous_prefill_step_stalling_between_layers_times_out_both_ends(rdv_sender, rdv_receiver):
-    """The step stops after 2 layers and never comes back: both ends give up within the
-    transfer's deadline, and the pair recovers."""
+    """The step stops after 2 layers and never comes back: the sender gives up at its deadline
+    (1.5 s), the receiver (5 s) no later than its own, and the pair recovers."""
     spec = rdv_sender.spec
     t0 = time.monotonic()
-    reply, got = transfer(rdv_sender, rdv_receiver, make_meta(spec, "t-step-stalls"), recv_timeout_s=1.5,
+    reply, got = transfer(rdv_sender, rdv_receiver, make_meta(spec, "t-step-stalls"), recv_timeout_s=5.0,
                           timeout_s=1.5, gate_every_s=0.1, gate_stall_after=2)
-    assert not reply["ok"] and reply["timeout"], reply
-    assert isinstance(got, KVTransferTimeout), got
-    assert time.monotonic() - t0 < 6.0
+    assert not reply["ok"] and reply["timeout"] and "layer 2" in reply["error"], reply
+    assert isinstance(got, KVTransferError), got
+    assert time.monotonic() - t0 < 8.0
 
     reply, got = transfer(rdv_sender, rdv_receiver, make_meta(spec, "t-after-step-stalled"))
     assert reply["ok"] and got == reply["num_bytes"]
+
+
+@pytest.mark.timeout(60)
+def test_rendezvous_stranger_without_the_pair_key_is_refused_and_nothing_lands(rdv_sender, rdv_receiver):
+    """A sender that reaches the receiver's store and claims a real sender's id, but does not
+    hold the pair's key (it never got it through Ray), is refused before a byte of KV lands."""
+    spec = rdv_sender.spec
+    info = rdv_receiver.pair_info(SENDER_ID)
+    stranger = {**info, "pair_key": bytes(32)}
+    assert rdv_sender.call("connect", peer_id=RECEIVER_ID, info=stranger)["ok"]
+    before = rdv_receiver.kv.clone()
+    reply, got = transfer(rdv_sender, rdv_receiver, make_meta(spec, "t-stranger"))
+    assert isinstance(got, KVPeerRefused) and "failed authentication" in str(got), got
+    assert not reply["ok"] and "failed authentication" in reply["error"], reply
+    assert torch.equal(rdv_receiver.kv, before)  # nothing accepted
+    assert rdv_receiver.stats()["num_pairs"] == 0
+
+    assert rdv_sender.call("connect", peer_id=RECEIVER_ID, info=info)["ok"]  # the real one, through Ray
+    reply, got = transfer(rdv_sender, rdv_receiver, make_meta(spec, "t-after-stranger"))
+    assert reply["ok"] and got == reply["num_bytes"]
+    assert_landed(spec.make(), rdv_receiver.kv, before, SRC_BLOCKS, DST_BLOCKS)
+
+
+@pytest.mark.timeout(60)
+def test_rendezvous_sender_refuses_an_impostor_receiver(rdv_sender, rdv_receiver):
+    """The other way round: the pair info points at another receiver of the same id (an
+    address taken over): it cannot prove it holds the key, and the sender sends it no KV."""
+    spec = rdv_sender.spec
+    impostor = KVEndpoint("receiver", rdv_sender.transport, RECEIVER_ID, asdict(CacheSpec(dtype=spec.dtype, seed=2)),
+                          timeout_s=10.0)
+    try:
+        info = {**impostor.pair_info(SENDER_ID), "pair_key": rdv_receiver.pair_info(SENDER_ID)["pair_key"]}
+        assert rdv_sender.call("connect", peer_id=RECEIVER_ID, info=info)["ok"]
+        before = impostor.kv.clone()
+        reply, got = transfer(rdv_sender, impostor, make_meta(spec, "t-impostor"))
+        assert not reply["ok"] and "the receiver of pair" in reply["error"], reply
+        assert isinstance(got, KVPeerRefused), got
+        assert torch.equal(impostor.kv, before)
+    finally:
+        impostor.close()
 
 
 # -- Ray object store between two actors ----------------------------------------------------------
@@ -377,7 +418,7 @@ def test_ray_transport_between_actors(ray_session, dtype):
     src_spec, dst_spec = CacheSpec(dtype=dtype, seed=0), CacheSpec(dtype=dtype, seed=1)
     prefill = Endpoint.remote("sender", "ray", SENDER_ID, asdict(src_spec))
     decode = Endpoint.remote("receiver", "ray", RECEIVER_ID, asdict(dst_spec))
-    ray.get(prefill.connect.remote(RECEIVER_ID, ray.get(decode.endpoint_info.remote())))
+    ray.get(prefill.connect.remote(RECEIVER_ID, ray.get(decode.pair_info.remote(SENDER_ID))))
 
     meta = make_meta(src_spec, f"t-ray-{dtype}")
     result = ray.get(prefill.send.remote(RECEIVER_ID, meta), timeout=60)

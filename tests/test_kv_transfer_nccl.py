@@ -57,7 +57,7 @@ def test_gloo_and_ray_endpoints_never_import_nccl():
         import sys
         from cluster.kv_transfer import make_kv_receiver, make_kv_sender
         receiver = make_kv_receiver("gloo", receiver_id="d")
-        make_kv_sender("gloo", sender_id="p").connect("d", receiver.endpoint_info())
+        make_kv_sender("gloo", sender_id="p").connect("d", receiver.prepare_pair("p"))
         make_kv_sender("ray", sender_id="p")
         loaded = [m for m in sys.modules if m.startswith("cluster.kv_transfer.nccl")]
         assert not loaded, loaded
@@ -130,7 +130,7 @@ class NcclPair:
         self.receiver = KVEndpoint("receiver", "nccl", RECEIVER_ID, asdict(self.recv_spec), device=receiver_dev,
                                    timeout_s=60.0)
         self.sender = EndpointProcess("sender", "nccl", SENDER_ID, self.send_spec, device=sender_dev, timeout_s=60.0)
-        assert self.sender.call("connect", peer_id=RECEIVER_ID, info=self.receiver.endpoint_info())["ok"]
+        assert self.sender.call("connect", peer_id=RECEIVER_ID, info=self.receiver.pair_info(SENDER_ID))["ok"]
 
     def transfer(self, meta, recv_timeout_s: float = 60.0):
         self.sender.request("send", peer_id=RECEIVER_ID, meta=meta)

@@ -284,7 +284,7 @@ def test_no_ring_outlives_its_pair_on_any_path(child_sender):
     spec = CacheSpec()
     receiver = KVEndpoint("receiver", "shm", RECEIVER_ID, asdict(CacheSpec(seed=1)), timeout_s=10.0)
     child = child_sender.process.pid
-    assert child_sender.call("connect", peer_id=RECEIVER_ID, info=receiver.endpoint_info())["ok"]
+    assert child_sender.call("connect", peer_id=RECEIVER_ID, info=receiver.pair_info(SENDER_ID))["ok"]
     metas = (make_meta(spec, f"t-{i}", (1, 2, 3), (4, 5, 6)) for i in range(100))
 
     def transfer(recv_timeout_s=10.0, **script):
@@ -337,7 +337,7 @@ def test_no_ring_outlives_its_pair_on_any_path(child_sender):
 def test_sender_death_fails_the_receiver_fast_and_frees_the_ring(child_sender):
     receiver = KVEndpoint("receiver", "shm", RECEIVER_ID, asdict(CacheSpec(seed=1)), timeout_s=30.0)
     try:
-        assert child_sender.call("connect", peer_id=RECEIVER_ID, info=receiver.endpoint_info())["ok"]
+        assert child_sender.call("connect", peer_id=RECEIVER_ID, info=receiver.pair_info(SENDER_ID))["ok"]
         meta = make_meta(CacheSpec(), "t-dies", (1, 2, 3), (4, 5, 6))
         child_sender.request("send", peer_id=RECEIVER_ID, meta=meta, stall_after=1, stall_s=60.0)
         threading.Timer(1.0, child_sender.process.kill).start()

@@ -37,6 +37,7 @@ from .rendezvous import (
 _TAG_HEADER_LEN = 0
 _TAG_HEADER = 1
 _TAG_ACK = 2
+_TAG_AUTH = 3
 _TAG_LAYER0 = 16
 _ACK_OK = 1
 _MAX_HEADER_BYTES = 64 << 20  # sanity bound on a peer-sent length (meta of ~4M blocks)
@@ -90,6 +91,16 @@ def _wait(work, deadline: Deadline, what: str) -> None:
     except RuntimeError as e:
         cls = KVTransferTimeout if "timed out" in str(e).lower() else KVTransferError
         raise cls(f"{what}: {e}", transfer_id=deadline.transfer_id) from e
+
+
+def _exchange(comm: GlooComm, peer: int, data: bytes, deadline: Deadline) -> bytes:
+    """Send ``data`` to ``peer`` and receive as many bytes from it (pair authentication)."""
+    out = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    got = torch.zeros(len(data), dtype=torch.uint8)
+    sent = comm.group.send([out], peer, _TAG_AUTH)
+    _wait(comm.group.recv([got], peer, _TAG_AUTH), deadline, "authenticating the pair")
+    _wait(sent, deadline, "authenticating the pair")
+    return got.numpy().tobytes()
 
 
 def _send_layers(
@@ -167,6 +178,9 @@ class GlooKVSender(RendezvousKVSender):
     def _open_comm(self, client: RendezvousClient, epoch: int, setup, deadline: Deadline) -> GlooComm:
         return _new_group(client.pair_store(self.sender_id, epoch), 0, self.host, deadline)
 
+    def _exchange(self, comm: GlooComm, data: bytes, deadline: Deadline) -> bytes:
+        return _exchange(comm, 1, data, deadline)
+
     def _send_data(
         self, comm: GlooComm, meta: KVTransferMeta, layers: Iterable[torch.Tensor], deadline: Deadline
     ) -> int:
@@ -183,6 +197,9 @@ class GlooKVReceiver(RendezvousKVReceiver):
 
     def _open_comm(self, rendezvous: RendezvousHost, sender_id: str, epoch: int, deadline: Deadline) -> GlooComm:
         return _new_group(rendezvous.pair_store(sender_id, epoch), 1, self.host, deadline)
+
+    def _exchange(self, comm: GlooComm, data: bytes, deadline: Deadline) -> bytes:
+        return _exchange(comm, 0, data, deadline)
 
     def _recv_data(self, comm: GlooComm, meta: KVTransferMeta, kv: torch.Tensor, deadline: Deadline) -> int:
         try:

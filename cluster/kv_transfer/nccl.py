@@ -189,6 +189,23 @@ def _guarded(comm: NcclComm, buffers: list[Any], leaked: list[Any], fn, *args) -
         raise
 
 
+def _exchange(comm: NcclComm, peer: int, data: bytes, deadline: Deadline, send_first: bool) -> bytes:
+    """Send ``data`` to ``peer`` and receive as many bytes from it on the pair's stream (pair
+    authentication); the sender sends first, the receiver receives first (NCCL point-to-point
+    calls on one stream complete in order, so both sending first would deadlock)."""
+    with torch.cuda.device(comm.device):
+        out = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(comm.device)
+        got = torch.zeros(len(data), dtype=torch.uint8, device=comm.device)
+        comm.stream.wait_stream(torch.cuda.current_stream(comm.device))
+        what = "authenticating the pair"
+        for op in ((comm.send, out), (comm.recv, got)) if send_first else ((comm.recv, got), (comm.send, out)):
+            op[0](op[1], peer, deadline, what)
+        done = torch.cuda.Event()
+        done.record(comm.stream)
+        comm.wait_event(done, deadline, what)
+        return got.cpu().numpy().tobytes()
+
+
 class NcclKVSender(RendezvousKVSender):
     transport = "nccl"
 
@@ -212,6 +229,9 @@ class NcclKVSender(RendezvousKVSender):
 
     def _open_comm(self, client: RendezvousClient, epoch: int, setup: bytes, deadline: Deadline) -> NcclComm:
         return _open(self._lib, self.device, setup, 0, deadline)
+
+    def _exchange(self, comm: NcclComm, data: bytes, deadline: Deadline) -> bytes:
+        return _exchange(comm, 1, data, deadline, send_first=True)
 
     def _send_data(
         self, comm: NcclComm, meta: KVTransferMeta, layers: Iterable[torch.Tensor], deadline: Deadline
@@ -266,6 +286,9 @@ class NcclKVReceiver(RendezvousKVReceiver):
     def _open_comm(self, rendezvous: RendezvousHost, sender_id: str, epoch: int, deadline: Deadline) -> NcclComm:
         unique_id = rendezvous.pop_bytes(_uid_key(sender_id, epoch))
         return _open(self._lib, self.device, unique_id, 1, deadline)
+
+    def _exchange(self, comm: NcclComm, data: bytes, deadline: Deadline) -> bytes:
+        return _exchange(comm, 0, data, deadline, send_first=False)
 
     def _recv_data(self, comm: NcclComm, meta: KVTransferMeta, kv: torch.Tensor, deadline: Deadline) -> int:
         if kv.device != self.device:

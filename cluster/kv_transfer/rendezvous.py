@@ -12,6 +12,7 @@ fresh clone on the sender.
 
 from __future__ import annotations
 
+import secrets
 import socket
 import threading
 import traceback
@@ -25,6 +26,8 @@ from typing import Any, Protocol
 import msgpack
 from torch.distributed import PrefixStore, Store, TCPStore
 
+from cluster import channel_auth
+
 from .base import (
     Deadline,
     KVReceiver,
@@ -37,6 +40,35 @@ from .base import (
 )
 
 _STORE_OP_TIMEOUT_S = 30.0
+PAIR_KEY_BYTES = 32
+
+
+class KVPeerRefused(KVTransferError):
+    """The other end of a new pair could not prove it holds the pair's key: a stranger on the
+    network, or a peer of another cluster or incarnation. Nothing was sent or accepted."""
+
+
+def pair_key(receiver_secret: bytes, sender_id: str) -> bytes:
+    """The key of the pair (this receiver incarnation, ``sender_id``): handed to the sender in its
+    pair info, through Ray; never on a socket the pair opens."""
+    return channel_auth.prove(receiver_secret, b"tessera-kv-pair-key", sender_id)
+
+
+def authenticate(exchange, key: bytes, is_sender: bool, sender_id: str, receiver_id: str, epoch: int,
+                 transfer_id: str) -> None:
+    """Mutual proof over a new communicator, before any KV moves: each end sends a fresh nonce,
+    then an HMAC of both nonces under the pair key, bound to its role, the pair and the epoch (so
+    an answer cannot be reflected, replayed, or used on another pair). ``exchange(data)`` sends
+    32 bytes and returns the peer's 32 (the sender sends first, for transports that need an
+    order). KVPeerRefused when the peer's proof is wrong."""
+    context = f"{sender_id}\0{receiver_id}\0{epoch}"
+    roles = ("sender", "receiver") if is_sender else ("receiver", "sender")
+    nonce = channel_auth.new_nonce()
+    peer_nonce = exchange(nonce)
+    proof = exchange(channel_auth.prove(key, peer_nonce + nonce, f"{roles[0]}\0{context}"))
+    if not channel_auth.verify(key, nonce + peer_nonce, f"{roles[1]}\0{context}", proof):
+        raise KVPeerRefused(f"the {roles[1]} of pair {sender_id} -> {receiver_id} failed authentication "
+                            "(not holding the pair's key): refused, nothing sent or accepted", transfer_id=transfer_id)
 
 
 def pair_prefix(sender_id: str) -> str:
@@ -280,10 +312,18 @@ class RendezvousKVSender(_PairTable, KVSender):
     def _send_data(self, comm: PairComm, meta: KVTransferMeta, layers: Iterable[Any], deadline: Deadline) -> int:
         """Header, layers, wait for the ack; returns KV payload bytes."""
 
+    @abstractmethod
+    def _exchange(self, comm: PairComm, data: bytes, deadline: Deadline) -> bytes:
+        """Send 32 bytes to the receiver, then return the 32 it sent (pair authentication)."""
+
     # -- the protocol ----------------------------------------------------------------------
     def connect(self, peer_id: str, peer_info: dict[str, Any]) -> None:
         if peer_info.get("transport") != self.transport:
             raise KVTransferError(f"peer info is for transport {peer_info.get('transport')!r}, not {self.transport!r}")
+        key = peer_info.get("pair_key")
+        if not isinstance(key, bytes) or len(key) != PAIR_KEY_BYTES:
+            raise KVTransferError(f"peer info for {peer_id!r} has no pair key: get it from the receiver's "
+                                  "prepare_pair(sender_id)")
         with self._pairs_lock:
             old = self._pairs.get(peer_id)
             if old is not None and old.info == peer_info:
@@ -337,6 +377,8 @@ class RendezvousKVSender(_PairTable, KVSender):
                 pair.client.announce(self.sender_id, tid, epoch)
                 announced = True
                 comm = self._open_comm(pair.client, epoch, setup, deadline)
+                authenticate(lambda data: self._exchange(comm, data, deadline), pair.info["pair_key"], True,
+                             self.sender_id, pair.peer_id, epoch, tid)
                 pair.comm, pair.epoch = comm, epoch
                 self.ledger.pair_built()
             else:
@@ -360,6 +402,7 @@ class RendezvousKVReceiver(_PairTable, KVReceiver):
         super().__init__(receiver_id, timeout_s=timeout_s)
         self.host = host  # interface the store (and gloo) listen on; senders must reach it
         self._rendezvous = RendezvousHost(host)
+        self._secret = secrets.token_bytes(PAIR_KEY_BYTES)  # this incarnation's: derives each pair's key
 
     # -- what a transport supplies ---------------------------------------------------------
     @abstractmethod
@@ -370,9 +413,17 @@ class RendezvousKVReceiver(_PairTable, KVReceiver):
     def _recv_data(self, comm: PairComm, meta: KVTransferMeta, kv: Any, deadline: Deadline) -> int:
         """Header check, layers into kv[:, :, meta.dst_block_ids], send the ack; returns bytes."""
 
+    @abstractmethod
+    def _exchange(self, comm: PairComm, data: bytes, deadline: Deadline) -> bytes:
+        """Return the 32 bytes the sender sent, then send it 32 (pair authentication)."""
+
     # -- the protocol ----------------------------------------------------------------------
     def endpoint_info(self) -> dict[str, Any]:
         return self._rendezvous.info(self.transport, self.receiver_id)
+
+    def prepare_pair(self, peer_id: str) -> dict[str, Any]:
+        """``endpoint_info()`` plus the key of the pair with sender ``peer_id`` (see ``authenticate``)."""
+        return {**self.endpoint_info(), "pair_key": pair_key(self._secret, peer_id)}
 
     def _pair(self, sender_id: str) -> Pair:
         with self._pairs_lock:
@@ -407,6 +458,9 @@ class RendezvousKVReceiver(_PairTable, KVReceiver):
                 if comm is None or not comm.alive or pair.epoch != announcement.epoch:
                     pair.drop_comm()
                     comm = self._open_comm(self._rendezvous, ticket.sender_id, announcement.epoch, deadline)
+                    authenticate(lambda data: self._exchange(comm, data, deadline),
+                                 pair_key(self._secret, ticket.sender_id), False, ticket.sender_id,
+                                 self.receiver_id, announcement.epoch, tid)
                     pair.comm, pair.epoch = comm, announcement.epoch
                     self.ledger.pair_built()
                 self.ledger.set_state(tid, KVTransferState.TRANSFERRING)

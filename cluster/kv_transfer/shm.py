@@ -87,8 +87,8 @@ _MAX_SLOTS = 256
 
 _MSG = struct.Struct("<4sIQ32s")  # magic, kind, seq, digest: every control message but the hello
 _MAGIC = b"TKVS"
-_HEADER, _CHUNK, _CREDIT, _DONE, _READY = 1, 2, 3, 4, 5
-_KINDS = {_HEADER: "HEADER", _CHUNK: "CHUNK", _CREDIT: "CREDIT", _DONE: "DONE", _READY: "READY"}
+_HEADER, _CHUNK, _CREDIT, _DONE, _READY, _AUTH = 1, 2, 3, 4, 5, 6
+_KINDS = {_HEADER: "HEADER", _CHUNK: "CHUNK", _CREDIT: "CREDIT", _DONE: "DONE", _READY: "READY", _AUTH: "AUTH"}
 _HELLO_VERSION = 1
 _MAX_HELLO_BYTES = 4096
 _SOCKET_NAME = re.compile(rb"tessera-kv-[0-9a-f]{32}")
@@ -268,6 +268,12 @@ class ShmComm:
             with self._lock:
                 self._users -= 1
                 self._close_if_unused()
+
+    def exchange(self, data: bytes, deadline: Deadline) -> bytes:
+        """Send 32 bytes in an AUTH message and return the peer's (pair authentication)."""
+        with self.use(deadline.transfer_id):
+            self.send(_AUTH, deadline, "authenticating the pair", digest=data)
+            return self.expect(_AUTH, deadline, "authenticating the pair")[1]
 
     def slot(self, chunk: int) -> torch.Tensor:
         """The slot chunk `chunk` goes through: flat uint8 [slot_bytes]."""
@@ -520,6 +526,9 @@ class ShmKVSender(RendezvousKVSender):
             os.close(fd)  # our mapping and the receiver's copy of the descriptor keep the ring
         return ShmComm(sock, ring, self.num_slots, self.slot_bytes)
 
+    def _exchange(self, comm: ShmComm, data: bytes, deadline: Deadline) -> bytes:
+        return comm.exchange(data, deadline)
+
     def _send_data(self, comm: ShmComm, meta: KVTransferMeta, layers: Iterable[torch.Tensor],
                    deadline: Deadline) -> int:
         try:
@@ -610,6 +619,9 @@ class ShmKVReceiver(RendezvousKVReceiver):
                 os.close(fd)
         ring[::_SLOT_ALIGN].sum()  # map every page now, not in the first transfer
         return ring, num_slots, slot_bytes
+
+    def _exchange(self, comm: ShmComm, data: bytes, deadline: Deadline) -> bytes:
+        return comm.exchange(data, deadline)
 
     def _recv_data(self, comm: ShmComm, meta: KVTransferMeta, kv: torch.Tensor, deadline: Deadline) -> int:
         try:

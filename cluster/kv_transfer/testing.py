@@ -166,9 +166,10 @@ class KVEndpoint:
         self.sender = make_kv_sender(transport, sender_id=endpoint_id, **opts) if role == "sender" else None
         self.receiver = make_kv_receiver(transport, receiver_id=endpoint_id, **opts) if role == "receiver" else None
 
-    def endpoint_info(self) -> dict[str, Any]:
+    def pair_info(self, sender_id: str) -> dict[str, Any]:
+        """What sender ``sender_id`` connects with (``prepare_pair``: with the pair's key)."""
         assert self.receiver is not None
-        return self.receiver.endpoint_info()
+        return self.receiver.prepare_pair(sender_id)
 
     def connect(self, peer_id: str, info: dict[str, Any]) -> None:
         assert self.sender is not None
@@ -230,7 +231,7 @@ def _serve(endpoint: KVEndpoint, msg: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         if op == "info":
-            return {"ok": True, "info": endpoint.endpoint_info()}
+            return {"ok": True, "info": endpoint.pair_info(msg["sender_id"])}
         if op == "connect":
             endpoint.connect(msg["peer_id"], msg["info"])
             return {"ok": True}
