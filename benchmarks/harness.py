@@ -46,6 +46,8 @@ class Settings:
     # kv transfer
     kv_blocks: tuple[int, ...] = (1, 4, 16, 32, 64, 128, 256)  # x 256 KiB
     kv_repeats: int = 5
+    kv_lanes: int = 4  # head-of-line: lanes per pair (kv_transfer.lanes_per_pair), against 1
+    kv_hol_blocks: int = 256  # the long transfer: 64 MiB, a 16k-token prompt of the tiny LLaVA
     # encoder cache
     cache_pairs: int = 12
     # kv streaming
@@ -61,7 +63,7 @@ class Settings:
     def quick(cls, **kw) -> "Settings":
         return cls(**{**dict(max_run_s=60.0, warmup_requests=1, text_concurrency=2, text_requests=4, vl_rate=1.0,
                              vl_lead_s=1.0, goodput_start_rate=0.5, goodput_max_probes=2, probe_seconds=4.0,
-                             probe_min=3, probe_max=6, kv_blocks=(1, 16, 32), kv_repeats=2, cache_pairs=2,
+                             probe_min=3, probe_max=6, kv_blocks=(1, 16, 32), kv_repeats=2, kv_hol_blocks=32, cache_pairs=2,
                              scaling_images=(0, 1, 2), scaling_repeats=1, stream_rounds=2, throughput_concurrency=4,
                              throughput_requests=6), **kw})
 

@@ -28,6 +28,7 @@ import torch
 from benchmarks.affinity import pin_process, pin_self
 from cluster.kv_transfer import KVTicket
 from cluster.kv_transfer.testing import CacheSpec, EndpointProcess, KVEndpoint, make_meta
+from cluster.kv_transfer.testing import _ticket_to_wire as _ticket_wire
 
 # One block of this cache is 256 KiB over 4 layers: [4 layers, K+V, 16 tokens, 8 heads, 64] float32.
 CACHE = CacheSpec(num_layers=4, num_blocks=1, block_size=16, num_kv_heads=8, head_dim=64, dtype="float32")
@@ -150,3 +151,57 @@ def _row(num_blocks: int, times: list[float]) -> dict[str, Any]:
 
 
 TRANSPORTS = {"gloo": gloo_gbps, "shm": shm_gbps, "ray": ray_gbps}
+
+
+def head_of_line(transport: str, lanes: int, long_blocks: int, repeats: int, send_cores: list[int],
+                 recv_cores: list[int], timeout_s: float = 120.0) -> dict[str, Any]:
+    """A one-block transfer (a short chat's KV) alone, then started while a ``long_blocks``
+    transfer (a long document's) runs on the same pair, from the same sender to the same
+    receiver; the sender may open ``lanes`` communicators to it. Medians of ``repeats`` (after a
+    warm-up round, which also builds the lanes), seconds as the sender's ``send`` saw them."""
+    spec = replace(CACHE, num_blocks=long_blocks + 1)
+    long_ids, short_ids = list(range(long_blocks)), [long_blocks]
+    sender_id, receiver_id = "bench-prefill", "bench-decode"
+
+    def meta(tag: str, i: int, ids: list[int]):
+        return make_meta(spec, f"{tag}-{i}", ids, ids, num_tokens=len(ids) * spec.block_size)
+
+    def recv_op(m):
+        return {"op": "recv", "ticket": _ticket_wire(KVTicket(transport, sender_id, receiver_id, m)),
+                "timeout_s": timeout_s}
+
+    def send_op(m, delay_s=0.0):
+        return {"op": "send", "peer_id": receiver_id, "meta": m.to_msgpack(), "timeout_s": timeout_s,
+                "delay_s": delay_s}
+
+    with EndpointProcess("receiver", transport, receiver_id, replace(spec, seed=1), timeout_s=timeout_s,
+                         torch_threads=len(recv_cores)) as recv, \
+            EndpointProcess("sender", transport, sender_id, spec, timeout_s=timeout_s, max_lanes=lanes,
+                            torch_threads=len(send_cores)) as send:
+        pin_process(recv.process.pid, recv_cores)
+        pin_process(send.process.pid, send_cores)
+        assert send.call("connect", peer_id=receiver_id, info=recv.call("info", sender_id=sender_id)["info"])["ok"]
+
+        def together(ops_recv, ops_send) -> list[float]:
+            recv.request("together", ops=ops_recv)
+            send.request("together", ops=ops_send)
+            sent, got = send.reply(timeout_s + 30), recv.reply(timeout_s + 30)
+            if not (sent["ok"] and got["ok"]):
+                raise RuntimeError(f"{transport} transfer failed: {sent} {got}")
+            return [r["elapsed_s"] for r in sent["replies"]]
+
+        alone, long_alone, during = [], [], []
+        for i in range(repeats + 1):
+            (t,) = together([recv_op(meta("short", i, short_ids))], [send_op(meta("short", i, short_ids))])
+            (t_long,) = together([recv_op(meta("long", i, long_ids))], [send_op(meta("long", i, long_ids))])
+            delay = t_long / 4  # the short one starts a quarter into the long one
+            t_pair = together([recv_op(meta("long-b", i, long_ids)), recv_op(meta("short-b", i, short_ids))],
+                              [send_op(meta("long-b", i, long_ids)), send_op(meta("short-b", i, short_ids), delay)])
+            if i:
+                alone.append(t)
+                long_alone.append(t_long)
+                during.append(t_pair[1])
+    med = statistics.median
+    return {"transport": transport, "lanes": lanes, "long_bytes": long_blocks * BLOCK_BYTES,
+            "short_bytes": BLOCK_BYTES, "short_alone_s": med(alone), "short_during_long_s": med(during),
+            "long_alone_s": med(long_alone), "ratio": med(during) / med(alone), "repeats": repeats}

@@ -241,9 +241,28 @@ async def kv_transfer(suite: Suite) -> dict[str, Any]:
             worst = min(big)
             comp["headline"].append({"metric": f"{name}: min share of memcpy, payloads >= 8 MiB", "value": worst,
                                      "target": ">= 0.6", "met": worst >= 0.6})
+    hol = []
+    for lanes in (s.kv_lanes, 1):
+        try:
+            hol.append(await asyncio.to_thread(kv_bench.head_of_line, "shm", lanes, s.kv_hol_blocks, s.kv_repeats,
+                                               send_cores, recv_cores))
+        except Exception as exc:  # noqa: BLE001 - record and go on
+            note_skipped(comp, f"head-of-line, {lanes} lane(s): {type(exc).__name__}: {exc}")
+    if hol:
+        comp["tables"].append({
+            "title": f"Head-of-line: a 1-block ({kv_bench.BLOCK_BYTES // 1024} KiB) transfer alone, and started a "
+                     f"quarter into a {s.kv_hol_blocks}-block ({s.kv_hol_blocks * kv_bench.BLOCK_BYTES >> 20} MiB) one "
+                     "on the same shm pair (medians; ms)",
+            "columns": ["lanes per pair", "short alone", "short during long", "ratio", "long alone"],
+            "rows": [[h["lanes"], to_ms(h["short_alone_s"]), to_ms(h["short_during_long_s"]), h["ratio"],
+                      to_ms(h["long_alone_s"])] for h in hol]})
+        h = hol[0]
+        comp["headline"].append({"metric": f"short transfer during a {h['long_bytes'] >> 20} MiB one on the same "
+                                           f"pair / alone ({h['lanes']} lanes)", "value": h["ratio"],
+                                 "target": "<= 1.2", "met": h["ratio"] <= 1.2})
     comp["notes"].append("On a GPU machine the same comparison would put NCCL against a device-to-device copy; "
                          "this run measured the CPU transports only.")
-    comp["data"] = {"memcpy": memcpy, "transports": transports}
+    comp["data"] = {"memcpy": memcpy, "transports": transports, "head_of_line": hol}
     return settle(comp, bool(transports))
 
 

@@ -264,6 +264,10 @@ class KVTransferConfig(_Closed):
                             "on one host (the fastest on CPU); ray: Ray object store; nccl: GPU (needs "
                             "nvidia-nccl-cu12)")
     timeout_s: float = Field(30.0, gt=0, le=3600, description="deadline of one request's whole KV transfer, seconds")
+    lanes_per_pair: int = Field(
+        4, ge=1, le=16, description="communicators a prefill worker may open to one decode worker (gloo, shm, nccl): "
+                                    "transfers in flight side by side, so a short prompt's KV never queues behind a "
+                                    "long one's (up to this many at once)")
     stream_layers: bool = Field(
         True, description="start a request's KV transfer with the prefill step that computes its last chunk, each "
                           "layer sent as soon as it is written (false: send after the first token is sampled)")

@@ -357,13 +357,17 @@ def resolve_interface(host: str) -> str:
     return (_node_ip() or "127.0.0.1") if host == "auto" else host
 
 
-def make_kv_endpoint(role: str, transport: str, endpoint_id: str, *, timeout_s: float, host: str, device: str):
+def make_kv_endpoint(role: str, transport: str, endpoint_id: str, *, timeout_s: float, host: str, device: str,
+                     lanes: int = 4):
     """A KV sender (``role="sender"``) or receiver of ``transport`` with the options it takes:
     every transport a deadline; gloo/auto/nccl receivers bind their rendezvous store (and gloo
-    its sockets) to ``host``; nccl runs on ``device``."""
+    its sockets) to ``host``; nccl runs on ``device``; rendezvous senders open up to ``lanes``
+    communicators per receiver."""
     from cluster.kv_transfer import make_kv_receiver, make_kv_sender
 
     opts: dict[str, Any] = {"timeout_s": timeout_s}
+    if role == "sender" and transport in ("gloo", "shm", "auto", "nccl"):
+        opts["max_lanes"] = lanes
     if transport in ("gloo", "auto") or (transport == "nccl" and role == "receiver"):
         opts["host"] = resolve_interface(host)
     if transport == "nccl":

@@ -67,7 +67,8 @@ class PrefillWorker(BaseWorker):
         self.device = torch.device(engine.device)
         self.sender = make_kv_endpoint("sender", self.kv_config.transport, worker_id,
                                        timeout_s=self.kv_config.timeout_s, host=self.kv_config.interface,
-                                       device=engine.device)
+                                       device=engine.device, lanes=self.kv_config.lanes_per_pair)
+        max_concurrent_sends = max(max_concurrent_sends, self.kv_config.lanes_per_pair)
         self._send_executor = ThreadPoolExecutor(max_concurrent_sends, thread_name_prefix=f"{worker_id}-kv")
         self._requests: dict[str, Request] = {}  # in the scheduler (waiting or mid-prefill)
         self._first_token: dict[str, asyncio.Future] = {}  # -> (token_id, block_ids held for the send)

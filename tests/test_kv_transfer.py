@@ -406,6 +406,60 @@ def test_rendezvous_sender_refuses_an_impostor_receiver(rdv_sender, rdv_receiver
         impostor.close()
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("transport", ["gloo", "shm"])
+@pytest.mark.parametrize("lanes", [4, 1])
+def test_a_short_transfer_does_not_queue_behind_a_long_one_on_the_same_pair(transport, lanes):
+    """A long transfer whose prefill step writes a layer every 0.4 s holds one lane for ~1.6 s.
+    With lanes left, a one-block transfer to the same receiver takes its own (a second
+    communicator) and lands at once; with one lane per pair it waits for the long one."""
+    spec = CacheSpec(num_blocks=40)
+    src, dst = spec.make(), CacheSpec(num_blocks=40, seed=1).make()
+    before = dst.clone()
+    sender = make_kv_sender(transport, sender_id=SENDER_ID, timeout_s=20.0, max_lanes=lanes)
+    receiver = make_kv_receiver(transport, receiver_id=RECEIVER_ID, timeout_s=20.0)
+    results: dict[str, object] = {}
+
+    def run(name, meta, layers):
+        def recv(ticket):
+            thread = threading.Thread(target=lambda: results.setdefault(
+                f"{name}-recv", receiver.recv(ticket, dst, meta.dst_block_ids)))
+            thread.start()
+            return thread
+
+        t0 = time.monotonic()
+        sent, thread = run_kv_transfer(sender, RECEIVER_ID, meta, layers, recv)
+        thread.join(20.0)
+        results[name] = (sent.num_bytes, time.monotonic() - t0)
+
+    try:
+        sender.connect(RECEIVER_ID, receiver.prepare_pair(SENDER_ID))
+        run("warm", make_meta(spec, "t-warm", (30,), (38,)), iter_kv_layers(src, (30,)))  # builds lane 0
+        long_meta = make_meta(spec, "t-long", range(0, 16), range(16, 32))
+        gate = testing.gated_compute(spec.num_layers, 0.4)
+        long = threading.Thread(target=run, args=("long", long_meta, iter_kv_layers(src, range(0, 16), gate, 20.0)))
+        long.start()
+        while sender.transfer_state("t-long") is not KVTransferState.TRANSFERRING:
+            time.sleep(0.01)
+        short_meta = make_meta(spec, "t-short", (35,), (36,))
+        run("short", short_meta, iter_kv_layers(src, (35,)))
+        long_running = long.is_alive()
+        long.join(20.0)
+        short_s, long_s = results["short"][1], results["long"][1]
+        assert results["short"][0] == results["short-recv"] == short_meta.num_bytes
+        assert results["long"][0] == results["long-recv"] == long_meta.num_bytes
+        assert_landed(src, dst, before, (30, *range(0, 16), 35), (38, *range(16, 32), 36))
+        if lanes > 1:
+            assert long_running and short_s < 0.5, (short_s, long_s)
+            assert sender.stats().num_pair_setups == 2 == receiver.stats().num_pair_setups  # a second lane
+        else:
+            assert not long_running and short_s > 0.6, (short_s, long_s)  # it waited for the long one
+            assert sender.stats().num_pair_setups == 1
+    finally:
+        sender.close()
+        receiver.close()
+
+
 # -- Ray object store between two actors ----------------------------------------------------------
 
 

@@ -90,10 +90,10 @@ class AutoKVSender(_BothTransports, KVSender):
     transport = "auto"
     recv_during_send = True  # both shm and gloo are rendezvous transports
 
-    def __init__(self, sender_id: str, *, host: str = "127.0.0.1", timeout_s: float = 30.0):
+    def __init__(self, sender_id: str, *, host: str = "127.0.0.1", timeout_s: float = 30.0, max_lanes: int = 4):
         super().__init__(sender_id, timeout_s=timeout_s)
-        self.shm = ShmKVSender(sender_id, timeout_s=timeout_s)
-        self.gloo = GlooKVSender(sender_id, host=host, timeout_s=timeout_s)  # gloo binds to `host`
+        self.shm = ShmKVSender(sender_id, timeout_s=timeout_s, max_lanes=max_lanes)
+        self.gloo = GlooKVSender(sender_id, host=host, timeout_s=timeout_s, max_lanes=max_lanes)  # binds to `host`
         self._chosen: dict[str, KVSender] = {}  # receiver id -> the transport its pair uses
         self._lock = threading.Lock()
 

@@ -33,32 +33,41 @@ There is no global process group: pools scale and pairs come and go. Each receiv
 TCPStore (the *rendezvous store*) for all its senders; ``receiver.prepare_pair(sender_id)``
 (or ``endpoint_info()``) returns a msgpack-able dict ``{transport, receiver_id, host, port,
 incarnation}`` that the lead passes to ``sender.connect(receiver_id, info)`` through a Ray call.
-It is the same for every sender and changes only if the receiver restarts (new incarnation:
-call ``connect`` again; that drops the old pair). Nothing is opened until the first ``send``.
-All store keys of a pair live under ``kv/<sender_id>/``:
+It is the same for every sender (but for ``pair_key``, the key of that one pair, which proves
+both ends at every new communicator: see ``rendezvous.authenticate``) and changes only if the
+receiver restarts (new incarnation: call ``connect`` again; that drops the old pair). Nothing is
+opened until the first ``send``.
+
+Lanes: a sender may open up to ``max_lanes`` communicators to one receiver, each carrying one
+transfer at a time, so a short transfer never waits behind a long one while a lane is free. Lane
+k goes by ``lane_id(sender, k)`` (``<sender_id>#k``; lane 0 is ``<sender_id>``) in every key
+below but the announcement, which stays under the sender's own id and names the lane. All store
+keys of a lane live under ``kv/<lane id>/``:
 
 =============================  ===============================================================
 ``epoch``                      counter; ``add(1)`` names a new communicator generation
 ``<epoch>/...``                the communicator's own rendezvous (gloo keys, NCCL unique id,
                                shm socket name)
-``xfer/<transfer_id>``         the *announcement*: msgpack ``{"epoch": e}`` or ``{"error": s}``
+``xfer/<transfer_id>``         the *announcement*: msgpack ``{"epoch": e, "lane": k}`` or
+                               ``{"error": s}`` (under the sender's own id)
 =============================  ===============================================================
 
 One transfer, in order::
 
     P.send(D, meta, layers)                         D.recv(ticket, kv, dst_block_ids)
-    1. lock(pair D)           [in order]            1. wait for key xfer/<tid>   [deadline]
+    1. lock(a lane to D)      [free, new, or wait]  1. wait for key xfer/<tid>   [deadline]
     2. no communicator? epoch = add(epoch, 1)          read epoch, delete key
-       (nccl, shm: set <epoch>/uid, shm_socket)     2. lock(pair P)
+       (nccl, shm: set <epoch>/uid, shm_socket)     2. lock(lane k of P)
     3. set xfer/<tid> = {epoch}  ------------->     3. communicator epoch != e?
     4. new communicator? build (rank 0) <------>       abort old, build at e (rank 1)
+       mutual nonce + HMAC proof        <------>       (refused: KVPeerRefused, nothing moves)
     5. header (meta)                    ------->    4. recv header, check == ticket.meta
        layer 0 .. L-1 (pipelined)       ------->    5. recv layers to staging, scatter
        wait ack                         <-------    6. send ack
     6. unlock, SUCCESS                              7. unlock, SUCCESS
 
-Why two transfers on one pair cannot interleave: the sender holds the pair lock from the
-announcement to the ack, so announcements of one pair are issued one at a time, each after the
+Why two transfers on one lane cannot interleave: the sender holds the lane's lock from the
+announcement to the ack, so announcements of one lane are issued one at a time, each after the
 previous transfer was acknowledged (or failed). A receiver thread waits for its own
 ``transfer_id``'s announcement *before* taking its pair lock, so it cannot grab the channel while
 another transfer is on it, whatever order the decode actor's threads start in. The header check

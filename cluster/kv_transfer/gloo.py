@@ -171,12 +171,12 @@ def _recv_layers(group: ProcessGroupGloo, meta: KVTransferMeta, kv: torch.Tensor
 class GlooKVSender(RendezvousKVSender):
     transport = "gloo"
 
-    def __init__(self, sender_id: str, *, host: str = "127.0.0.1", timeout_s: float = 30.0):
-        super().__init__(sender_id, timeout_s=timeout_s)
+    def __init__(self, sender_id: str, *, host: str = "127.0.0.1", timeout_s: float = 30.0, max_lanes: int = 4):
+        super().__init__(sender_id, timeout_s=timeout_s, max_lanes=max_lanes)
         self.host = host  # local interface gloo binds to; the receiver must reach it
 
-    def _open_comm(self, client: RendezvousClient, epoch: int, setup, deadline: Deadline) -> GlooComm:
-        return _new_group(client.pair_store(self.sender_id, epoch), 0, self.host, deadline)
+    def _open_comm(self, client: RendezvousClient, wire_id: str, epoch: int, setup, deadline: Deadline) -> GlooComm:
+        return _new_group(client.pair_store(wire_id, epoch), 0, self.host, deadline)
 
     def _exchange(self, comm: GlooComm, data: bytes, deadline: Deadline) -> bytes:
         return _exchange(comm, 1, data, deadline)

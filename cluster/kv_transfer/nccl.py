@@ -216,18 +216,20 @@ class NcclKVSender(RendezvousKVSender):
         device: int | str | torch.device | None = None,
         timeout_s: float = 30.0,
         library_path: str | None = None,
+        max_lanes: int = 4,
     ):
-        super().__init__(sender_id, timeout_s=timeout_s)
+        super().__init__(sender_id, timeout_s=timeout_s, max_lanes=max_lanes)
         self.device = _resolve_device(device)
         self._lib = _load(library_path)
         self._leaked: list[Any] = []  # buffers of aborted transfers whose stream never drained
 
-    def _prepare_comm(self, client: RendezvousClient, epoch: int) -> bytes:
+    def _prepare_comm(self, client: RendezvousClient, wire_id: str, epoch: int) -> bytes:
         unique_id = self._lib.get_unique_id()
-        client.set_bytes(_uid_key(self.sender_id, epoch), unique_id)
+        client.set_bytes(_uid_key(wire_id, epoch), unique_id)
         return unique_id
 
-    def _open_comm(self, client: RendezvousClient, epoch: int, setup: bytes, deadline: Deadline) -> NcclComm:
+    def _open_comm(self, client: RendezvousClient, wire_id: str, epoch: int, setup: bytes,
+                   deadline: Deadline) -> NcclComm:
         return _open(self._lib, self.device, setup, 0, deadline)
 
     def _exchange(self, comm: NcclComm, data: bytes, deadline: Deadline) -> bytes:

@@ -84,10 +84,20 @@ def _announce_key(sender_id: str, transfer_id: str) -> str:
     return f"kv/{sender_id}/xfer/{transfer_id}"
 
 
+MAX_LANES = 16
+
+
+def lane_id(sender_id: str, lane: int) -> str:
+    """The id lane ``lane`` of a sender's pair with one receiver goes by on the wire: its store
+    keys, its communicator's rendezvous, its authentication (lane 0 is the sender itself)."""
+    return sender_id if lane == 0 else f"{sender_id}#{lane}"
+
+
 @dataclass(frozen=True)
 class Announcement:
     epoch: int  # communicator generation the sender uses for this transfer; -1 with error
     error: str | None = None  # set when the sender gave up before the data phase
+    lane: int = 0  # which of the pair's lanes carries it (its communicator; see lane_id)
 
 
 class RendezvousHost:
@@ -147,7 +157,10 @@ class RendezvousHost:
             ) from e
         store.delete_key(key)
         d = msgpack.unpackb(raw, raw=False)
-        return Announcement(epoch=int(d.get("epoch", -1)), error=d.get("error"))
+        lane = int(d.get("lane", 0))
+        if not 0 <= lane < MAX_LANES:
+            raise KVTransferError(f"announcement names lane {lane}, not in [0, {MAX_LANES})", transfer_id=transfer_id)
+        return Announcement(epoch=int(d.get("epoch", -1)), error=d.get("error"), lane=lane)
 
     def pop_bytes(self, key: str) -> bytes:
         """Read and delete a key the sender set before announcing (e.g. an NCCL unique id)."""
@@ -187,8 +200,8 @@ class RendezvousClient:
         """Store for building one communicator, on its own connection (see the module NOTE)."""
         return PrefixStore(epoch_prefix(sender_id, epoch), self.store.clone())
 
-    def announce(self, sender_id: str, transfer_id: str, epoch: int) -> None:
-        self.store.set(_announce_key(sender_id, transfer_id), msgpack.packb({"epoch": epoch}))
+    def announce(self, sender_id: str, transfer_id: str, epoch: int, lane: int = 0) -> None:
+        self.store.set(_announce_key(sender_id, transfer_id), msgpack.packb({"epoch": epoch, "lane": lane}))
 
     def announce_failure(self, sender_id: str, transfer_id: str, reason: str, *, was_announced: bool) -> None:
         """Best effort: tell a receiver not yet past the announcement to give up now.
@@ -225,6 +238,7 @@ class PairComm(Protocol):
 @dataclass
 class Pair:
     peer_id: str
+    lane: int = 0  # sender side: which of its lanes to this receiver (0 .. max_lanes - 1)
     lock: threading.Lock = field(default_factory=threading.Lock)  # held for a whole transfer
     comm: PairComm | None = None  # live communicator, or None until the next transfer builds one
     epoch: int = -1  # generation of `comm`
@@ -266,28 +280,33 @@ def as_transfer_error(e: Exception, transfer_id: str) -> KVTransferError:
 
 
 class _PairTable:
-    """The pairs one endpoint holds (peer id -> Pair), shared by the sender and receiver sides."""
+    """The pairs one endpoint holds, one per lane (``lane_id(sender, lane)`` -> Pair), shared by
+    the sender and receiver sides. A peer's operations (abort, forget) cover all its lanes."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._pairs: dict[str, Pair] = {}
         self._pairs_lock = threading.Lock()
 
+    def _lanes_of(self, peer_id: str) -> list[str]:  # under _pairs_lock
+        return [k for k in self._pairs if k == peer_id or k.startswith(peer_id + "#")]
+
     def num_pairs(self) -> int:
+        """Live communicators, every lane counted."""
         with self._pairs_lock:
             return sum(1 for p in self._pairs.values() if p.comm is not None and p.comm.alive)
 
     def abort(self, peer_id: str | None = None) -> None:
         with self._pairs_lock:
-            pairs = list(self._pairs.values()) if peer_id is None else [self._pairs.get(peer_id)]
+            keys = list(self._pairs) if peer_id is None else self._lanes_of(peer_id)
+            pairs = [self._pairs[k] for k in keys]
         for pair in pairs:
-            if pair is not None:
-                pair.drop_comm()
+            pair.drop_comm()
 
     def forget(self, peer_id: str) -> None:
         with self._pairs_lock:
-            pair = self._pairs.pop(peer_id, None)
-        if pair is not None:
+            pairs = [self._pairs.pop(k) for k in self._lanes_of(peer_id)]
+        for pair in pairs:
             pair.drop_comm()
 
 
@@ -296,17 +315,23 @@ class RendezvousKVSender(_PairTable, KVSender):
 
     recv_during_send = True
 
-    def __init__(self, sender_id: str, *, timeout_s: float = 30.0):
+    def __init__(self, sender_id: str, *, timeout_s: float = 30.0, max_lanes: int = 4):
         super().__init__(sender_id, timeout_s=timeout_s)
+        if not 1 <= max_lanes <= MAX_LANES:
+            raise ValueError(f"max_lanes must be in [1, {MAX_LANES}], got {max_lanes}")
+        self.max_lanes = max_lanes  # communicators per receiver: transfers in flight side by side
+        self._next_wait = 0
 
     # -- what a transport supplies ---------------------------------------------------------
-    def _prepare_comm(self, client: RendezvousClient, epoch: int) -> Any:
-        """Before the announcement: publish what the receiver needs to join `epoch`."""
+    def _prepare_comm(self, client: RendezvousClient, wire_id: str, epoch: int) -> Any:
+        """Before the announcement: publish what the receiver needs to join lane ``wire_id``
+        (``lane_id``) at `epoch`."""
         return None
 
     @abstractmethod
-    def _open_comm(self, client: RendezvousClient, epoch: int, setup: Any, deadline: Deadline) -> PairComm:
-        """Build this side (rank 0) of the pair's communicator; blocks until the peer joins."""
+    def _open_comm(self, client: RendezvousClient, wire_id: str, epoch: int, setup: Any,
+                   deadline: Deadline) -> PairComm:
+        """Build this side (rank 0) of lane ``wire_id``'s communicator; blocks until the peer joins."""
 
     @abstractmethod
     def _send_data(self, comm: PairComm, meta: KVTransferMeta, layers: Iterable[Any], deadline: Deadline) -> int:
@@ -328,9 +353,10 @@ class RendezvousKVSender(_PairTable, KVSender):
             old = self._pairs.get(peer_id)
             if old is not None and old.info == peer_info:
                 return
+            stale = [self._pairs.pop(k) for k in self._lanes_of(peer_id)]  # every lane: a new incarnation
             self._pairs[peer_id] = Pair(peer_id, info=dict(peer_info))
-        if old is not None:
-            old.drop_comm()
+        for pair in stale:
+            pair.drop_comm()
 
     def is_connected(self, peer_id: str) -> bool:
         with self._pairs_lock:
@@ -340,13 +366,8 @@ class RendezvousKVSender(_PairTable, KVSender):
         tid = meta.transfer_id
         deadline = Deadline(self.timeout_s if timeout_s is None else timeout_s, tid)
         self.ledger.set_state(tid, KVTransferState.BOOTSTRAPPING)
-        with self._pairs_lock:
-            pair = self._pairs.get(peer_id)
         try:
-            if pair is None:
-                raise KVTransferError(f"not connected to receiver {peer_id!r}: call connect() first", transfer_id=tid)
-            if not pair.lock.acquire(timeout=deadline.remaining("waiting for the pair's previous transfer")):
-                raise KVTransferTimeout("pair busy until the deadline", transfer_id=tid)
+            pair = self._take_lane(peer_id, deadline)
             try:
                 num_bytes = self._send_locked(pair, meta, layers, deadline)
             finally:
@@ -359,6 +380,29 @@ class RendezvousKVSender(_PairTable, KVSender):
         self.ledger.succeeded(tid, num_bytes)
         return KVSendResult(num_bytes, self.make_ticket(peer_id, meta))
 
+    def _take_lane(self, peer_id: str, deadline: Deadline) -> Pair:
+        """A lane to ``peer_id``, locked: a free one, else a new one (up to max_lanes), else the
+        next busy one in turn, waited for. So a short transfer never queues behind a long one
+        while lanes are left (no head-of-line blocking); each lane carries one at a time."""
+        tid = deadline.transfer_id
+        with self._pairs_lock:
+            lanes = sorted((self._pairs[k] for k in self._lanes_of(peer_id)), key=lambda p: p.lane)
+            if not lanes:
+                raise KVTransferError(f"not connected to receiver {peer_id!r}: call connect() first", transfer_id=tid)
+            for pair in lanes:
+                if pair.lock.acquire(blocking=False):
+                    return pair
+            if len(lanes) < self.max_lanes:
+                pair = Pair(peer_id, lane=len(lanes), info=lanes[0].info)
+                pair.lock.acquire()
+                self._pairs[lane_id(peer_id, pair.lane)] = pair
+                return pair
+            pair = lanes[self._next_wait % len(lanes)]
+            self._next_wait += 1
+        if not pair.lock.acquire(timeout=deadline.remaining("waiting for a free lane to the receiver")):
+            raise KVTransferTimeout("every lane of the pair busy until the deadline", transfer_id=tid)
+        return pair
+
     def _send_locked(self, pair: Pair, meta: KVTransferMeta, layers: Iterable[Any], deadline: Deadline) -> int:
         """Steps 2-5 of the protocol, under the pair lock. On failure: drop the communicator,
         leave word for a receiver still waiting, and reconnect to the store next time."""
@@ -369,20 +413,21 @@ class RendezvousKVSender(_PairTable, KVSender):
             if pair.client is None:
                 assert pair.info is not None
                 pair.client = RendezvousClient(pair.info, deadline)
+            wire_id = lane_id(self.sender_id, pair.lane)
             comm = pair.comm
             if comm is None or not comm.alive:
                 comm = None
-                epoch = pair.client.new_epoch(self.sender_id)
-                setup = self._prepare_comm(pair.client, epoch)
-                pair.client.announce(self.sender_id, tid, epoch)
+                epoch = pair.client.new_epoch(wire_id)
+                setup = self._prepare_comm(pair.client, wire_id, epoch)
+                pair.client.announce(self.sender_id, tid, epoch, pair.lane)
                 announced = True
-                comm = self._open_comm(pair.client, epoch, setup, deadline)
+                comm = self._open_comm(pair.client, wire_id, epoch, setup, deadline)
                 authenticate(lambda data: self._exchange(comm, data, deadline), pair.info["pair_key"], True,
-                             self.sender_id, pair.peer_id, epoch, tid)
+                             wire_id, pair.peer_id, epoch, tid)
                 pair.comm, pair.epoch = comm, epoch
                 self.ledger.pair_built()
             else:
-                pair.client.announce(self.sender_id, tid, pair.epoch)
+                pair.client.announce(self.sender_id, tid, pair.epoch, pair.lane)
                 announced = True
             self.ledger.set_state(tid, KVTransferState.TRANSFERRING)
             return self._send_data(comm, meta, layers, deadline)
@@ -443,7 +488,8 @@ class RendezvousKVReceiver(_PairTable, KVReceiver):
             announcement = self._rendezvous.wait_announcement(ticket.sender_id, tid, deadline)
             if announcement.error is not None:
                 raise KVTransferError(f"sender gave up: {announcement.error}", transfer_id=tid)
-            pair = self._pair(ticket.sender_id)
+            wire_id = lane_id(ticket.sender_id, announcement.lane)
+            pair = self._pair(wire_id)
             if not pair.lock.acquire(timeout=deadline.remaining("waiting for the pair's previous transfer")):
                 raise KVTransferTimeout("pair busy until the deadline", transfer_id=tid)
             comm = None
@@ -457,9 +503,9 @@ class RendezvousKVReceiver(_PairTable, KVReceiver):
                 comm = pair.comm
                 if comm is None or not comm.alive or pair.epoch != announcement.epoch:
                     pair.drop_comm()
-                    comm = self._open_comm(self._rendezvous, ticket.sender_id, announcement.epoch, deadline)
+                    comm = self._open_comm(self._rendezvous, wire_id, announcement.epoch, deadline)
                     authenticate(lambda data: self._exchange(comm, data, deadline),
-                                 pair_key(self._secret, ticket.sender_id), False, ticket.sender_id,
+                                 pair_key(self._secret, ticket.sender_id), False, wire_id,
                                  self.receiver_id, announcement.epoch, tid)
                     pair.comm, pair.epoch = comm, announcement.epoch
                     self.ledger.pair_built()

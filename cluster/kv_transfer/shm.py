@@ -462,8 +462,8 @@ class ShmKVSender(RendezvousKVSender):
     transport = "shm"
 
     def __init__(self, sender_id: str, *, timeout_s: float = 30.0, slot_bytes: int = DEFAULT_SLOT_BYTES,
-                 num_slots: int = DEFAULT_NUM_SLOTS):
-        super().__init__(sender_id, timeout_s=timeout_s)
+                 num_slots: int = DEFAULT_NUM_SLOTS, max_lanes: int = 4):
+        super().__init__(sender_id, timeout_s=timeout_s, max_lanes=max_lanes)
         if slot_bytes < _SLOT_ALIGN or slot_bytes % _SLOT_ALIGN or not 1 <= num_slots <= _MAX_SLOTS:
             raise ValueError(f"slot_bytes must be a positive multiple of {_SLOT_ALIGN} and num_slots in "
                              f"[1, {_MAX_SLOTS}]; got {slot_bytes} and {num_slots}")
@@ -480,19 +480,19 @@ class ShmKVSender(RendezvousKVSender):
                 f"kv_transfer.transport gloo (or nccl on GPUs) across nodes")
         super().connect(peer_id, peer_info)
 
-    def _prepare_comm(self, client: RendezvousClient, epoch: int) -> socket.socket:
+    def _prepare_comm(self, client: RendezvousClient, wire_id: str, epoch: int) -> socket.socket:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             name = f"tessera-kv-{secrets.token_hex(16)}"
             listener.bind(f"\0{name}")  # abstract namespace: no file, gone with the socket
             listener.listen(1)
-            client.set_bytes(_socket_key(self.sender_id, epoch), name.encode())
+            client.set_bytes(_socket_key(wire_id, epoch), name.encode())
         except BaseException:
             listener.close()
             raise
         return listener
 
-    def _open_comm(self, client: RendezvousClient, epoch: int, listener: socket.socket,
+    def _open_comm(self, client: RendezvousClient, wire_id: str, epoch: int, listener: socket.socket,
                    deadline: Deadline) -> ShmComm:
         with listener:
             try:
@@ -503,7 +503,7 @@ class ShmKVSender(RendezvousKVSender):
                                         transfer_id=deadline.transfer_id) from e
         try:
             _check_peer(sock)
-            comm = self._hand_over_ring(sock, epoch, deadline)
+            comm = self._hand_over_ring(sock, wire_id, epoch, deadline)
         except BaseException:
             sock.close()
             raise
@@ -514,10 +514,10 @@ class ShmKVSender(RendezvousKVSender):
             raise
         return comm
 
-    def _hand_over_ring(self, sock: socket.socket, epoch: int, deadline: Deadline) -> ShmComm:
+    def _hand_over_ring(self, sock: socket.socket, wire_id: str, epoch: int, deadline: Deadline) -> ShmComm:
         fd, ring = _create_ring(self.num_slots * self.slot_bytes)
         try:
-            hello = msgpack.packb({"v": _HELLO_VERSION, "sender_id": self.sender_id, "epoch": epoch,
+            hello = msgpack.packb({"v": _HELLO_VERSION, "sender_id": wire_id, "epoch": epoch,
                                    "host_id": host_identity(), "num_slots": self.num_slots,
                                    "slot_bytes": self.slot_bytes})
             sock.settimeout(deadline.remaining("sending the ring"))

@@ -226,10 +226,28 @@ def _ticket_from_wire(d: dict[str, Any]) -> KVTicket:
     return KVTicket(d["transport"], d["sender_id"], d["receiver_id"], KVTransferMeta.from_msgpack(d["meta"]))
 
 
+def _serve_together(endpoint: KVEndpoint, msg: dict[str, Any]) -> dict[str, Any]:
+    """Run ``msg["ops"]`` at once, each in its own thread after its ``delay_s``; their replies, in order."""
+    replies: list[dict[str, Any] | None] = [None] * len(msg["ops"])
+
+    def run(i: int, sub: dict[str, Any]) -> None:
+        time.sleep(sub.pop("delay_s", 0.0))
+        replies[i] = _serve(endpoint, sub)
+
+    threads = [threading.Thread(target=run, args=(i, dict(sub))) for i, sub in enumerate(msg["ops"])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"ok": all(r["ok"] for r in replies), "replies": replies}
+
+
 def _serve(endpoint: KVEndpoint, msg: dict[str, Any]) -> dict[str, Any]:
     op = msg["op"]
     t0 = time.perf_counter()
     try:
+        if op == "together":
+            return _serve_together(endpoint, msg)
         if op == "info":
             return {"ok": True, "info": endpoint.pair_info(msg["sender_id"])}
         if op == "connect":
