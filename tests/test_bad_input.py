@@ -443,6 +443,17 @@ def flat_video(width: int, height: int, frames: int = 2) -> bytes:
     return encode_video([np.full((height, width, 3), 90, np.uint8)] * frames, 2)
 
 
+def _first_video_packet(data: bytes):
+    import io
+
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        packet = next(container.demux(container.streams.video[0]))
+        assert packet.is_keyframe and packet.size > 400
+        return packet.pos, packet.size
+
+
 def bad_video_requests() -> dict[str, tuple[object, str]]:
     from models.media_samples import make_test_video
 
@@ -451,7 +462,12 @@ def bad_video_requests() -> dict[str, tuple[object, str]]:
 
     good = make_test_video(5)
     garbled = bytearray(good)
-    garbled[len(good) // 2: len(good) // 2 + 400] = bytes(400)
+    # 400 zero bytes inside the keyframe's slice data (the first packet): damage a decoder must
+    # notice. (Zeros at the tail of a later P-frame packet can read as trailing padding and decode
+    # cleanly, depending on the encoder build of the PyAV wheel.)
+    pos, size = _first_video_packet(good)
+    middle = pos + size // 2
+    garbled[middle - 200: middle + 200] = bytes(400)
     noise = good[:40] + np.random.default_rng(0).integers(0, 256, len(good) - 40, dtype=np.uint8).tobytes()
     return {
         "corrupt (noise after the ftyp box)": (one(noise), "corrupt"),

@@ -50,13 +50,20 @@ def test_greedy_equals_transformers_alone_and_batched(arch_setup):
     assert engine.kv_blocks_in_use == 0
 
 
-def test_prefill_logits_close_to_transformers(arch_setup):
+def test_prefill_logits_close_to_transformers(arch_setup, tiny_models):
+    """The model code with torch's own matmuls (as transformers runs them) to 1e-4; the engine as
+    served (``linear_backend: auto``, oneDNN's reordered weights where the CPU has a kernel, whose
+    different summation order moves float32 logits by ~1e-4) to 1e-3."""
     arch, engine, ref = arch_setup
+    strict = ColocatedEngine(EngineConfig(model=str(tiny_models[arch]), max_num_batched_tokens=512,
+                                          linear_backend="torch"))
     for name, (prompt, media) in prompt_cases(arch).items():
         prepared = engine.inputs.prepare("x", prompt, media, SamplingParams())
         expected = ref.prefill_logits(prompt, media)
-        ours = _engine_prefill_logits(engine, prepared)
-        torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4, msg=name)
+        torch.testing.assert_close(_engine_prefill_logits(strict, prepared), expected, atol=1e-4, rtol=1e-4,
+                                   msg=name)
+        torch.testing.assert_close(_engine_prefill_logits(engine, prepared), expected, atol=1e-3, rtol=1e-3,
+                                   msg=f"{name} (served linear backend {engine.runner.linear_backend})")
 
 
 def test_chunked_prefill_matches_unchunked(tiny_models):
