@@ -13,7 +13,9 @@ A request's life in the router::
                prefill:  PrefillWorker.prefill(req, embeddings_ref ◀──────────────────┘, reservation)
                          ├─ PrefillFirstToken ─▶ first chunk to the client (TTFT)
                          └─ KVShipped (KV is in the reserved decode blocks)
-               decode:   DecodeWorker.generate(req); its tokens come over the router's token
+               decode:   DecodeWorker.generate(req), started with the prefill when the KV streams
+                         layer by layer (it takes the first token from the prefill worker and
+                         runs once the KV has landed), else after KVShipped; its tokens come over the router's token
                          stream to that worker (one message per engine step for all requests,
                          router.token_streams) into the request's DecodeSink: detokenize, stop
                          strings, events to the client
@@ -26,7 +28,9 @@ A request's life in the router::
                aborts the request (frees its reservation, or stops it between two steps).
 
 Types in and out (``GenerateInput``, ``TokenEvent``, ``FinalEvent``, errors) are in
-``router.events``; admission control is ``router.admission``; routing is ``router.policies``.
+``router.events``; admission control is ``router.admission``; routing is ``router.policies``;
+per-worker load accounting and decode reservations are ``router.accounting``; worker calls and
+what their Ray errors mean are ``router.worker_calls``.
 
 Each request runs as one *driver* task feeding an event queue; ``RequestStream`` (what
 ``submit`` returns) reads it. Cancelling the driver (Abort, deadline, client gone) is how every
@@ -39,17 +43,13 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import math
 import time
 import uuid
 from typing import Any
 
-import ray
-from ray.exceptions import RayActorError, RayError
-
 from cluster.config import ClusterConfig
 from cluster.contracts import (DecodeRequest, EncodeItem, ForkUnavailableError, KVShipped, PrefillFirstToken,
-                               PrefillRequest, Reservation)
+                               PrefillRequest)
 from cluster.autoscaler import LatencyWindow
 from cluster.controller import Controller, PoolWorker
 from cluster.engine.block_manager import NoFreeBlocksError
@@ -58,6 +58,7 @@ from cluster.engine.inputs import InputPreparer, PreparedRequest, check_chat_siz
 from cluster.request_types import InvalidRequestError, MediaInput, SamplingParams
 from models.processor import MultimodalProcessor
 from router import policies
+from router.accounting import Accounting
 from router.admission import Admission
 from router.decode_sink import DecodeSink
 from router.events import (DeadlineExceededError, Event, FinalEvent, GenerateInput, OverloadedError, RouterError,
@@ -65,6 +66,7 @@ from router.events import (DeadlineExceededError, Event, FinalEvent, GenerateInp
 from router.metrics import RouterMetrics
 from router.request_stream import END, Failure, ForkGroup, RequestState, RequestStream
 from router.token_streams import TokenStreams
+from router.worker_calls import WorkerCalls, as_coro, cancel
 
 __all__ = ["Admission", "DeadlineExceededError", "Event", "FinalEvent", "GenerateInput", "OverloadedError",
            "RequestStream", "RouterCore", "RouterError", "StageTimings", "TokenEvent", "Usage",
@@ -103,8 +105,8 @@ class RouterCore:
         self._requests: dict[str, RequestState] = {}
         self._closing: set[str] = set()  # ids whose stages are still letting go (cleanup running)
         self._background: set[asyncio.Task] = set()
-        self._blocks_freed = asyncio.Event()
-        self._num_waiting_for_blocks = 0
+        self.calls = WorkerCalls(controller)  # worker calls, their failures as router errors
+        self.accounting = Accounting(config, controller, self.calls, self.max_model_len)  # load + reservations
         self.streams = TokenStreams()  # one token stream per decode / colocated worker
 
     # -- public API --------------------------------------------------------------------------
@@ -291,7 +293,7 @@ class RouterCore:
         except (RouterError, InvalidRequestError) as exc:  # (after tokens too: a non-OK status ends the stream)
             fail(exc)
         except Exception as exc:  # noqa: BLE001 - a worker failure of any kind
-            err = self._worker_failure(exc)
+            err = self.calls.failure(exc)
             log.warning("request %s failed: %s", st.request_id, err)
             fail(err)
         finally:
@@ -336,10 +338,10 @@ class RouterCore:
         """Dispatch the media to an encoder (not awaited: the ref goes straight to prefill)."""
         prepared = st.prepared
         items = [EncodeItem(d.content_hash, m.mime_type, m.data) for d, m in zip(prepared.media, st.media)]
-        encoder = policies.pick_encoder(self._ready("encoder", st.avoid), [i.content_hash for i in items],
+        encoder = policies.pick_encoder(self.accounting.ready("encoder", st.avoid), [i.content_hash for i in items],
                                         self.config.router.encoder_affinity_max_queue)
-        self._account(st, encoder, "inflight_tokens", len(items))
-        self._account(st, encoder, "inflight_requests", 1)
+        self.accounting.account(st, encoder, "inflight_tokens", len(items))
+        self.accounting.account(st, encoder, "inflight_requests", 1)
         t.setdefault("encode", time.monotonic())
         st.encoder_worker = encoder
         st.encode_ref = encoder.actor.encode.remote(items)
@@ -356,13 +358,13 @@ class RouterCore:
         num_prompt = len(prompt)
 
         # 1. decode reservation (overlaps encoding), and our token stream to that worker
-        st.reservation = await self._reserve(st, num_prompt, sampling.max_tokens)
-        await self._call(st.decode_worker, self.streams.ensure(st.decode_worker))
+        st.reservation = await self.accounting.reserve(st, num_prompt, sampling.max_tokens)
+        await self.calls.call(st.decode_worker, self.streams.ensure(st.decode_worker))
 
         # 2. prefill: first token at once, then the KV ships
-        prefill = st.prefill_worker = policies.pick_prefill(self._ready("prefill", st.avoid))
-        self._account(st, prefill, "inflight_tokens", num_prompt)
-        self._account(st, prefill, "inflight_requests", 1)
+        prefill = st.prefill_worker = policies.pick_prefill(self.accounting.ready("prefill", st.avoid))
+        self.accounting.account(st, prefill, "inflight_tokens", num_prompt)
+        self.accounting.account(st, prefill, "inflight_requests", 1)
         # With layer-wise KV streaming decode starts with the prefill: the prefill worker hands
         # it the first token itself, and it admits the request the moment that and the KV
         # (streaming since the prompt's last chunk began) are there; its tokens wait in the sink
@@ -384,11 +386,11 @@ class RouterCore:
                 started = decode.actor.generate.remote(DecodeRequest(
                     st.request_id, num_prompt, prompt, None, sampling, self.eos_token_ids, None, self.streams.stream_id,
                     plan.position_delta, num_sent, first_from_prefill=True), num_forks)
-            first = await self._next(st.prefill_gen, PrefillFirstToken, "prefill")
+            first = await self.calls.next(st.prefill_gen, PrefillFirstToken, "prefill")
             st.prefill_has_token = True
             if "first" not in t:
                 t["first"], t["prefill_s"] = time.monotonic(), first.prefill_s
-            self._unaccount_pools(st, "prefill", "encoder")  # their part is done
+            self.accounting.unaccount(st, "prefill", "encoder")  # their part is done
 
             finish = self._push_token(st, detok, first.token_id, tokens, emit, num_prompt, sampling, first.logprob)
             t.setdefault("ttft", time.monotonic())
@@ -407,7 +409,7 @@ class RouterCore:
                     st.request_id, num_prompt, prompt, first.token_id, sampling, self.eos_token_ids,
                     first.sampler_state, self.streams.stream_id, plan.position_delta, num_sent), num_forks)
             # (a failed transfer fails that generate too, its reservation released: report ours)
-            shipped = await self._next(st.prefill_gen, KVShipped, "prefill")
+            shipped = await self.calls.next(st.prefill_gen, KVShipped, "prefill")
         except BaseException:
             if started is not None:  # nothing to wait for: the attempt's cleanup aborts it there
                 started.future().add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -415,7 +417,7 @@ class RouterCore:
         st.prefill_drained = True
         t["kv_s"] = t.get("kv_s", 0.0) + shipped.seconds
         t["decode"] = time.monotonic()
-        await self._call(decode, started)
+        await self.calls.call(decode, started)
         if num_forks:
             st.fork.resolve((decode, st.request_id, prompt))
         return await sink.done
@@ -436,10 +438,10 @@ class RouterCore:
         decode, parent_id, prompt = source
         sampling = st.prepared.sampling
         st.decode_worker = decode
-        self._account(st, decode, "reserved_blocks", self._blocks_for(len(prompt), sampling.max_tokens))
-        self._account(st, decode, "inflight_requests", 1)
+        self.accounting.account(st, decode, "reserved_blocks", self.accounting.blocks_for(len(prompt), sampling.max_tokens))
+        self.accounting.account(st, decode, "inflight_requests", 1)
         try:
-            await self._call(decode, self.streams.ensure(decode))
+            await self.calls.call(decode, self.streams.ensure(decode))
             t["prefill"] = time.monotonic()  # the sink takes its first delta as the first token
             sink = self._open_sink(st, t, decode, detok, tokens, emit)
             await decode.actor.fork.remote(parent_id, DecodeRequest(
@@ -449,7 +451,7 @@ class RouterCore:
             if not isinstance(exc, (ForkUnavailableError, NoFreeBlocksError)):
                 st.avoid.add(decode.worker_id)
                 log.warning("request %s: fork on %s failed (%s); prefilling it", st.request_id, decode.worker_id,
-                            self._worker_failure(exc, decode))
+                            self.calls.failure(exc, decode))
             await self._release_attempt(st)
             t.pop("prefill", None)
             return None
@@ -470,7 +472,7 @@ class RouterCore:
           output exactly where it stopped.
         Whatever the failed attempt held is let go first (its reservation, a KV transfer)."""
         if st.prefill_gen is None and not st.prefill_has_token:  # no decode worker could reserve (all tried)
-            raise self._worker_failure(exc)
+            raise self.calls.failure(exc)
         stage, worker, error = await self._failed_stage(st, exc)
         cfg = self.config.router
         allowed = {"encoder": cfg.max_encoder_retries, "prefill": cfg.max_prefill_retries,
@@ -487,7 +489,7 @@ class RouterCore:
         self.metrics.observe_retry(stage)
         await self._release_attempt(st)
         if stage == "encoder":
-            self._unaccount_pools(st, "encoder")
+            self.accounting.unaccount(st, "encoder")
             self._encode(st, t)
 
     async def _failed_stage(self, st: RequestState, exc: BaseException) -> tuple[str, PoolWorker | None, Exception]:
@@ -496,11 +498,11 @@ class RouterCore:
             try:
                 await st.encode_ref  # (only on this failure path: fetches the embeddings once)
             except Exception as enc_exc:  # noqa: BLE001 - the encoder failed the request
-                return "encoder", st.encoder_worker, self._worker_failure(enc_exc, st.encoder_worker)
+                return "encoder", st.encoder_worker, self.calls.failure(enc_exc, st.encoder_worker)
         if not st.prefill_has_token:
-            return "prefill", st.prefill_worker, self._worker_failure(exc, st.prefill_worker)
+            return "prefill", st.prefill_worker, self.calls.failure(exc, st.prefill_worker)
         worker = st.decode_worker if st.prefill_drained else None  # a failed transfer: either side
-        return "decode", worker, self._worker_failure(exc, worker)
+        return "decode", worker, self.calls.failure(exc, worker)
 
     async def _release_attempt(self, st: RequestState) -> None:
         """Let go of an attempt's prefill stream and decode reservation/stream (the encode ref
@@ -509,19 +511,19 @@ class RouterCore:
             # Before the first token, cancelling stops the prefill (the worker frees its
             # blocks); after it the worker ships the KV whatever we do, so just wait for that.
             if not st.prefill_has_token:
-                _cancel(st.prefill_gen)
+                cancel(st.prefill_gen)
             await self._drain(st.prefill_gen, self.config.kv_transfer.timeout_s + 10.0)
         if st.pending_reserve is not None:  # the driver stopped while a reserve() was in flight
             worker, ref = st.pending_reserve
             with contextlib.suppress(Exception):
-                if await asyncio.wait_for(_as_coro(ref), 30.0) is not None:
+                if await asyncio.wait_for(as_coro(ref), 30.0) is not None:
                     st.decode_worker = worker
         if st.sink is not None:
             self.streams.unregister(st.decode_worker.worker_id, st.request_id)
         if st.decode_worker is not None and not st.decode_done:
             with contextlib.suppress(Exception):  # (a dead worker fails this at once)
-                await asyncio.wait_for(_as_coro(st.decode_worker.actor.abort.remote(st.request_id)), 30.0)
-        self._unaccount_pools(st, "prefill", "decode")
+                await asyncio.wait_for(as_coro(st.decode_worker.actor.abort.remote(st.request_id)), 30.0)
+        self.accounting.unaccount(st, "prefill", "decode")
         st.prefill_worker = st.prefill_gen = st.reservation = st.pending_reserve = None
         st.decode_worker = st.sink = None
         st.prefill_has_token = st.prefill_drained = st.decode_done = False
@@ -530,16 +532,16 @@ class RouterCore:
         """Colocated mode: one worker runs encode, prefill and decode; the first delta on its token
         stream holds the first token. Cleanup aborts it through ``decode_worker`` like a decode."""
         num_prompt = len(st.prepared.plan.prompt_token_ids)
-        worker = policies.pick_prefill(self._ready("colocated"))
-        self._account(st, worker, "inflight_tokens", num_prompt)
-        self._account(st, worker, "inflight_requests", 1)
+        worker = policies.pick_prefill(self.accounting.ready("colocated"))
+        self.accounting.account(st, worker, "inflight_tokens", num_prompt)
+        self.accounting.account(st, worker, "inflight_requests", 1)
         st.decode_worker = worker
-        await self._call(worker, self.streams.ensure(worker))
+        await self.calls.call(worker, self.streams.ensure(worker))
         t["prefill"] = time.monotonic()
         detok = IncrementalDetokenizer(self.tokenizer, st.prepared.sampling.stop,
                                        min_tokens=st.prepared.sampling.min_tokens)
         sink = self._open_sink(st, t, worker, detok, tokens, emit)
-        await self._call(worker, worker.actor.generate.remote(st.prepared, self.streams.stream_id))
+        await self.calls.call(worker, worker.actor.generate.remote(st.prepared, self.streams.stream_id))
         return await sink.done
 
     def _open_sink(self, st: RequestState, t: dict, worker: PoolWorker, detok: IncrementalDetokenizer,
@@ -586,119 +588,6 @@ class RouterCore:
         return FinalEvent(finish[0], finish[1], usage, timings)
 
     # -- stages' helpers ---------------------------------------------------------------------
-    def _ready(self, pool: str, avoid: set[str] = frozenset()) -> list[PoolWorker]:
-        """The pool's ready workers, without those in ``avoid`` (that failed this request) unless
-        only those are left."""
-        workers = self.controller.ready_workers(pool)
-        if not workers:
-            raise WorkerUnavailableError(f"no ready {pool} worker")
-        return [w for w in workers if w.worker_id not in avoid] or workers
-
-    def _blocks_for(self, num_prompt: int, max_tokens: int) -> int:
-        """The KV blocks a decode worker holds for a request (``DecodeWorker._blocks_for_new_request``)."""
-        return math.ceil(min(num_prompt + max_tokens, self.max_model_len) / self.config.engine.block_size)
-
-    async def _reserve(self, st: RequestState, num_prompt: int, max_tokens: int) -> Reservation:
-        num_blocks = self._blocks_for(num_prompt, max_tokens)
-        waiting = False
-        try:
-            while True:
-                failure: Exception | None = None
-                num_failed = 0
-                candidates = policies.rank_decode(self._ready("decode", st.avoid), num_blocks)
-                for worker in candidates:
-                    ref = worker.actor.reserve.remote(st.request_id, num_prompt, max_tokens)
-                    st.pending_reserve = (worker, ref)  # cancelled while waiting: cleanup undoes it
-                    try:
-                        reservation = await ref
-                        st.pending_reserve = None
-                    except NoFreeBlocksError:
-                        st.pending_reserve = None
-                        continue  # full: try the next decode worker
-                    except Exception as exc:  # noqa: BLE001 - a failed worker: try the next one
-                        st.pending_reserve = None
-                        failure, num_failed = self._worker_failure(exc, worker), num_failed + 1
-                        continue
-                    if reservation is not None:
-                        st.decode_worker = worker
-                        self._account(st, worker, "reserved_blocks", len(reservation.block_ids))
-                        self._account(st, worker, "inflight_requests", 1)
-                        return reservation
-                if failure is not None and num_failed == len(candidates):
-                    raise failure
-                # Every decode worker is full: wait (bounded) for a request to free blocks.
-                if not waiting:
-                    if self._num_waiting_for_blocks >= self.config.router.max_queued_requests:
-                        raise OverloadedError("no free KV blocks on any decode worker and the wait queue is full")
-                    self._num_waiting_for_blocks += 1
-                    waiting = True
-                self._blocks_freed.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0.2):  # also re-polls: another router may free blocks
-                        await self._blocks_freed.wait()
-        finally:
-            if waiting:
-                self._num_waiting_for_blocks -= 1
-
-    async def _call(self, worker: PoolWorker, ref):
-        try:
-            return await ref
-        except (asyncio.CancelledError, RouterError, InvalidRequestError):
-            raise
-        except Exception as exc:
-            raise self._worker_failure(exc, worker) from exc
-
-    async def _next(self, gen, expected: type, stage: str):
-        try:
-            ref = await gen.__anext__()
-        except StopAsyncIteration:
-            raise WorkerUnavailableError(f"the {stage} worker ended the stream early") from None
-        item = await ref
-        if not isinstance(item, expected):
-            raise WorkerUnavailableError(f"the {stage} worker sent {type(item).__name__}, expected {expected.__name__}")
-        return item
-
-    def _worker_failure(self, exc: BaseException, worker: PoolWorker | None = None) -> Exception:
-        if isinstance(exc, (RouterError, InvalidRequestError)):
-            return exc
-        if isinstance(exc, RayActorError):
-            if worker is None:
-                worker = self._worker_of_actor_error(exc)
-            if worker is not None:
-                self.controller.mark_dead(worker.worker_id, str(exc).splitlines()[0] if str(exc) else "actor died")
-            return WorkerUnavailableError(f"a worker failed: {type(exc).__name__}")
-        if isinstance(exc, RayError):
-            cause = getattr(exc, "cause", None) or exc
-            if isinstance(cause, InvalidRequestError):
-                return InvalidRequestError(str(cause))
-            return WorkerUnavailableError(f"a worker failed: {_short(cause)}")
-        return WorkerUnavailableError(f"internal error: {_short(exc)}")
-
-    def _worker_of_actor_error(self, exc: RayActorError) -> PoolWorker | None:
-        actor_id = getattr(exc, "actor_id", None)
-        if not actor_id:
-            return None
-        for w in self.controller.workers():
-            with contextlib.suppress(Exception):
-                if w.actor._actor_id.hex() == actor_id:
-                    return w
-        return None
-
-    # -- accounting --------------------------------------------------------------------------
-    def _account(self, st: RequestState, worker: PoolWorker, attr: str, amount: int) -> None:
-        setattr(worker, attr, getattr(worker, attr) + amount)
-        st.accounted.append((worker, attr, amount))
-
-    def _unaccount_pools(self, st: RequestState, *pools: str) -> None:
-        """Undo what the request still has accounted on workers of ``pools``."""
-        kept = []
-        for worker, attr, amount in st.accounted:
-            if worker.pool in pools:
-                setattr(worker, attr, getattr(worker, attr) - amount)
-            else:
-                kept.append((worker, attr, amount))
-        st.accounted[:] = kept
-
     # -- cleanup -----------------------------------------------------------------------------
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -711,7 +600,7 @@ class RouterCore:
         land in blocks that another request owns by then."""
         try:
             if st.encode_ref is not None and st.num_tokens_sent == 0:
-                _cancel(st.encode_ref)
+                cancel(st.encode_ref)
             await self._release_attempt(st)
         except Exception as exc:  # noqa: BLE001 - cleanup must not raise
             log.warning("cleanup of request %s: %s", st.request_id, exc)
@@ -722,7 +611,7 @@ class RouterCore:
             if admitted:
                 self.admission.release()
             self._closing.discard(st.request_id)
-            self._blocks_freed.set()
+            self.accounting.notify_freed()
 
     async def _drain(self, gen, timeout_s: float) -> None:
         async def run():
@@ -749,22 +638,6 @@ def _forkable(prepared: PreparedRequest) -> bool:
     embeddings: that token must be text."""
     last = len(prepared.plan.prompt_token_ids) - 1
     return not any(o <= last < o + n for runs in prepared.plan.media_runs for o, n in runs)
-
-
-def _cancel(ref_or_gen) -> None:
-    # recursive=False: a prefill worker's KV-shipping calls to the decode worker run as children
-    # of its prefill task; cancelling them would strand the decode reservation mid-handshake.
-    with contextlib.suppress(Exception):
-        ray.cancel(ref_or_gen, recursive=False)
-
-
-async def _as_coro(ref):
-    return await ref
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:500]
 
 
 def _model_name(model: str, model_dir: str) -> str:
