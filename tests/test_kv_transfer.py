@@ -25,7 +25,7 @@ from cluster.kv_transfer import (
     testing,
 )
 from cluster.kv_transfer.local import LocalKVSender
-from cluster.kv_transfer.rendezvous import KVPeerRefused
+from cluster.kv_transfer.pair_auth import KVPeerRefused
 from cluster.kv_transfer.testing import CacheSpec, EndpointProcess, KVEndpoint
 
 SENDER_ID = "prefill-0"
