@@ -63,7 +63,8 @@ class Settings:
     def quick(cls, **kw) -> "Settings":
         return cls(**{**dict(max_run_s=60.0, warmup_requests=1, text_concurrency=2, text_requests=4, vl_rate=1.0,
                              vl_lead_s=1.0, goodput_start_rate=0.5, goodput_max_probes=2, probe_seconds=4.0,
-                             probe_min=3, probe_max=6, kv_blocks=(1, 16, 32), kv_repeats=2, kv_hol_blocks=32, cache_pairs=2,
+                             probe_min=3, probe_max=6, kv_blocks=(1, 16, 32), kv_repeats=2, kv_hol_blocks=32,
+                             cache_pairs=2,
                              scaling_images=(0, 1, 2), scaling_repeats=1, stream_rounds=2, throughput_concurrency=4,
                              throughput_requests=6), **kw})
 

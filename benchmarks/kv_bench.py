@@ -125,7 +125,8 @@ def ray_gbps(block_counts: list[int], repeats: int, send_cores: list[int], recv_
     receiver = Endpoint.remote("receiver", "ray", "bench-decode", asdict(replace(spec, seed=1)), timeout_s=timeout_s)
     try:
         ray.get([sender.pin.remote(send_cores), receiver.pin.remote(recv_cores)], timeout=timeout_s)
-        ray.get(sender.connect.remote("bench-decode", ray.get(receiver.pair_info.remote("bench-prefill"))), timeout=timeout_s)
+        info = ray.get(receiver.pair_info.remote("bench-prefill"))
+        ray.get(sender.connect.remote("bench-decode", info), timeout=timeout_s)
         rows = []
         for n in block_counts:
             times = []
