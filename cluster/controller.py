@@ -44,7 +44,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -124,9 +124,9 @@ class PoolWorker:
         """Counts towards the pool's size: STARTING or READY."""
         return self.state in (WorkerState.STARTING, WorkerState.READY)
 
-    def set_state(self, state: WorkerState) -> None:
+    def set_state(self, state: WorkerState, now: float) -> None:
         if state != self.state:
-            self.state, self.state_since = state, time.monotonic()
+            self.state, self.state_since = state, now
 
     def holds_nothing(self) -> bool:
         """No router accounting and (per its last report) nothing in flight on the worker."""
@@ -156,13 +156,15 @@ def pick_victims(workers: Sequence[PoolWorker], num: int) -> list[PoolWorker]:
 
 class Controller:
     def __init__(self, desired_sizes: dict[str, int] | None = None, *,
-                 bounds: dict[str, tuple[int, int]] | None = None, autoscaled: Iterable[str] = ()):
+                 bounds: dict[str, tuple[int, int]] | None = None, autoscaled: Iterable[str] = (),
+                 clock: Callable[[], float] = time.monotonic):
         names = tuple(desired_sizes) if desired_sizes else POOL_NAMES  # the pools of this deployment's mode
         self.pools: dict[str, dict[str, PoolWorker]] = {name: {} for name in names}
         self.desired_sizes: dict[str, int] = dict(desired_sizes or {name: 0 for name in names})
         self.bounds: dict[str, tuple[int, int]] = {name: (bounds or {}).get(name, (0, 1024)) for name in names}
         self.autoscaled: set[str] = set(autoscaled)  # pools whose size the autoscaler sets
         self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=256)  # scaling events
+        self.clock = clock  # monotonic seconds: backoff, drain and startup deadlines, state ages (tests inject one)
         self._counters = {name: 0 for name in names}
         self._retired_kv: dict[str, dict[str, int]] = {}  # pool -> KV counters of removed workers
         self._start_failures = {name: 0 for name in names}
@@ -184,7 +186,8 @@ class Controller:
             raise ValueError(f"unknown pool {pool!r}; expected one of {tuple(self.pools)}")
         if self.find(worker_id) is not None:
             raise ValueError(f"duplicate worker id {worker_id!r}")
-        worker = PoolWorker(worker_id, pool, actor)
+        now = self.clock()
+        worker = PoolWorker(worker_id, pool, actor, created=now, state_since=now)
         self.pools[pool][worker_id] = worker
         return worker
 
@@ -192,7 +195,7 @@ class Controller:
         worker = self.get(worker_id)
         worker.info = info
         if worker.state == WorkerState.STARTING:
-            worker.set_state(WorkerState.READY)
+            worker.set_state(WorkerState.READY, self.clock())
         if load is not None:
             self._set_load(worker, load)
 
@@ -200,7 +203,7 @@ class Controller:
         """Stop routing new requests to the worker; what it holds finishes normally."""
         worker = self.get(worker_id)
         if worker.state in (WorkerState.STARTING, WorkerState.READY):
-            worker.set_state(WorkerState.DRAINING)
+            worker.set_state(WorkerState.DRAINING, self.clock())
 
     def mark_dead(self, worker_id: str, error: str) -> None:
         """Out of routing at once; the loop reaps it and starts a replacement."""
@@ -208,7 +211,7 @@ class Controller:
         if worker is not None and worker.state != WorkerState.DEAD:
             if worker.state == WorkerState.DRAINING and not error:
                 error = "died while draining"
-            worker.set_state(WorkerState.DEAD)
+            worker.set_state(WorkerState.DEAD, self.clock())
             worker.error = error
             log.warning("%s is dead: %s", worker_id, error)
             self._notify()
@@ -267,7 +270,7 @@ class Controller:
             self.desired_sizes[pool] = size
             if size != old:
                 changes.append(f"{pool} {old} -> {size}")
-                self.history.append({"time": time.monotonic(), "event": "scale", "pool": pool, "from": old,
+                self.history.append({"time": self.clock(), "event": "scale", "pool": pool, "from": old,
                                      "to": size, "source": source})
                 log.info("scale %s %d -> %d (%s)", pool, old, size, source)
         self._notify()
@@ -280,7 +283,7 @@ class Controller:
     # -- load -----------------------------------------------------------------------------------
     def _set_load(self, worker: PoolWorker, load: dict[str, Any]) -> None:
         worker.load = dict(load)
-        worker.load_time = time.monotonic()
+        worker.load_time = self.clock()
         total = load.get("kv_blocks_total")
         if total is not None:
             worker.kv_blocks_total = int(total)
@@ -360,7 +363,7 @@ class Controller:
     def reconcile(self) -> None:
         """One pass: reap the dead, start or drain workers so each pool's live count (STARTING +
         READY) equals its desired size."""
-        now = time.monotonic()
+        now = self.clock()
         for pool in self.pools:
             members = list(self.pools[pool].values())
             for w in members:
@@ -396,9 +399,9 @@ class Controller:
     async def _wait_ready(self, worker: PoolWorker) -> None:
         ready = asyncio.ensure_future(_await_ref(worker.actor.ready.remote()))
         try:
-            deadline = time.monotonic() + self._startup_timeout_s
+            deadline = self.clock() + self._startup_timeout_s
             while not ready.done():
-                remaining = deadline - time.monotonic()
+                remaining = deadline - self.clock()
                 if remaining <= 0:
                     ready.cancel()
                     raise asyncio.TimeoutError
@@ -429,26 +432,26 @@ class Controller:
             return
         self.mark_ready(worker.worker_id, info, load)
         self._start_failures[worker.pool] = 0
-        seconds = time.monotonic() - worker.created
-        self.history.append({"time": time.monotonic(), "event": "ready", "pool": worker.pool,
+        seconds = self.clock() - worker.created
+        self.history.append({"time": self.clock(), "event": "ready", "pool": worker.pool,
                              "worker_id": worker.worker_id, "seconds": seconds})
         log.info("%s ready in %.1f s on node %s (pid %s)", worker.worker_id, seconds, info.node_id[:8], info.pid)
 
     def _start_failed(self, pool: str, message: str) -> None:
         self._start_failures[pool] += 1
         backoff = min(MAX_START_BACKOFF_S, 2.0 ** (self._start_failures[pool] - 1))
-        self._retry_at[pool] = time.monotonic() + backoff
+        self._retry_at[pool] = self.clock() + backoff
         log.warning("%s; next start in %.0f s", message, backoff)
 
     async def _drain(self, worker: PoolWorker) -> None:
         """Wait until the worker holds nothing (bounded), release its KV pairs, stop it, forget it."""
-        start = time.monotonic()
+        start = self.clock()
         deadline = start + self._drain_timeout_s
         num_idle = 0
         while num_idle < 2:  # twice in a row: a reservation sent just before DRAINING has landed by then
             if worker.state == WorkerState.DEAD:
                 return  # the reaper takes over
-            if time.monotonic() >= deadline:
+            if self.clock() >= deadline:
                 log.warning("%s: drain timeout (%.0f s) with work left: %s; stopping it", worker.worker_id,
                             self._drain_timeout_s, {k: worker.load.get(k) for k in BUSY_KEYS[worker.pool]})
                 break
@@ -468,8 +471,8 @@ class Controller:
         self._launcher.kill(worker.actor)
         if self.find(worker.worker_id) is worker:
             self.remove_worker(worker.worker_id)
-        seconds = time.monotonic() - start
-        self.history.append({"time": time.monotonic(), "event": "drained", "pool": worker.pool,
+        seconds = self.clock() - start
+        self.history.append({"time": self.clock(), "event": "drained", "pool": worker.pool,
                              "worker_id": worker.worker_id, "seconds": seconds})
         log.info("%s drained and stopped in %.1f s", worker.worker_id, seconds)
 

@@ -80,12 +80,22 @@ async def until(condition, timeout_s: float = 5.0):
     raise AssertionError("condition not met in time")
 
 
-def run_controller(scenario, launcher: FakeLauncher, sizes=None, drain_timeout_s: float = 5.0):
+class FakeClock:
+    """The controller's clock, moved by hand: backoffs and deadlines pass when the test says so."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run_controller(scenario, launcher: FakeLauncher, sizes=None, drain_timeout_s: float = 5.0, clock=None):
     """Start ``sizes`` workers READY, run the controller loop, then ``await scenario(ctl)``."""
     sizes = sizes or {"encoder": 1, "prefill": 1, "decode": 1}
 
     async def main():
-        ctl = Controller(dict(sizes), bounds={p: (1, 4) for p in sizes})
+        ctl = Controller(dict(sizes), bounds={p: (1, 4) for p in sizes}, **({"clock": clock} if clock else {}))
         for pool, n in sizes.items():
             for _ in range(n):
                 wid = ctl.new_worker_id(pool)
@@ -184,16 +194,28 @@ def test_a_dead_worker_is_reaped_and_replaced_up_to_the_desired_size():
 
 
 def test_failed_starts_back_off():
-    launcher = FakeLauncher(encoder={"fail": True})
+    """The controller's clock decides the backoff (no wall-clock bound): while it stands still
+    no new start comes, however many passes the loop makes; 1 s later on it, the next one does."""
+    launcher, clock = FakeLauncher(encoder={"fail": True}), FakeClock()
 
     async def scenario(ctl):
         ctl.scale({"encoder": 2})
         await until(lambda: any(w.state == WorkerState.DEAD for w in ctl.workers("encoder")))
-        await asyncio.sleep(0.5)
+        for _ in range(5):  # reconcile passes (poll_s = 0.05) at the same instant
+            await ctl_pass(ctl)
         assert len(launcher.started) == 4  # 3 initial + 1 attempt: the next waits for the 1 s backoff
-        await until(lambda: len(launcher.started) == 5, timeout_s=3.0)
+        clock.now += 0.9
+        await ctl_pass(ctl)
+        assert len(launcher.started) == 4
+        clock.now += 0.2  # past the backoff on the controller's clock (~0.5 s of real time since)
+        await until(lambda: len(launcher.started) == 5, timeout_s=0.3)  # at once, not 1 s of real time later
 
-    run_controller(scenario, launcher)
+    run_controller(scenario, launcher, clock=clock)
+
+
+async def ctl_pass(ctl) -> None:
+    """Let the controller's loop run one more pass (it reconciles every poll_s = 0.05 s)."""
+    await asyncio.sleep(0.06)
 
 
 def test_scale_checks_every_size_first():
