@@ -260,7 +260,9 @@ def test_stalled_kv_transfer_ends_within_its_timeout_and_the_pair_recovers(stack
     assert time.monotonic() - start < KV_TIMEOUT_S + 15
     wait_until_idle(stack)  # the decode reservation of the stalled transfer was freed
     assert stack.client.status()["kv_transfer"]["transfers_failed"] > failed_before
-    time.sleep(KV_TIMEOUT_S + 2.5)  # let the stalled send threads wake up and fail
+    # the stalled send threads wake up and fail: their transfers end (no prefill worker ships)
+    wait_for(lambda: all(ray.get(w.actor.load.remote(), timeout=30)["num_shipping"] == 0
+                         for w in workers(stack, "prefill")), KV_TIMEOUT_S + 15, "the stalled sends to end")
     for w in workers(stack, "prefill"):
         ray.get(w.actor.clear_faults.remote(), timeout=30)
     with ThreadPoolExecutor(len(reqs)) as pool:  # every pair serves transfers again
