@@ -109,14 +109,15 @@ def test_health_probe_judges_a_busy_model_thread_by_the_age_of_its_step():
     async def main():
         worker = Worker("prefill-9")
         worker._ensure_loop()
-        step = asyncio.ensure_future(worker.run_blocking(time.sleep, 1.2))  # one long step
-        await asyncio.sleep(0.2)
-        start = time.monotonic()
+        release = threading.Event()
+        step = asyncio.ensure_future(worker.run_blocking(release.wait, 60))  # one long step, until released
+        await asyncio.sleep(0.05)
         assert (await worker.health_probe(0.5))["healthy"] is True
-        assert time.monotonic() - start < 0.2  # answered at once, not after the step
-        await asyncio.sleep(0.5)  # the step has now run for 0.7 s > 0.5 s
+        assert not step.done()  # answered while the step runs, not after it
+        await asyncio.sleep(0.6)  # the step has now run for more than 0.5 s
         with pytest.raises(RuntimeError, match="one model step has run"):
             await worker.health_probe(0.5)
+        release.set()
         await step
         assert (await worker.health_probe(0.5))["healthy"] is True  # idle again: the device op answers
         await worker.shutdown()
