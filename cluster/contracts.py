@@ -9,6 +9,10 @@ A request's path through the cluster, and the message at each hop:
     router --(request_id, num_prompt_tokens, max_tokens)--> DecodeWorker.reserve -> Reservation
     router --PrefillRequest + embeddings ref + Reservation--> PrefillWorker.prefill
            <-- PrefillFirstToken (at once), then KVShipped (after the KV landed on the decode worker)
+    prefill --(request_id, sender id)--> Reservation.decode_actor.kv_expect -> pair info
+    prefill --(request_id, KVTicket)--> decode_actor.kv_receive   (the KV, cluster.kv_transfer)
+    prefill --(request_id, token, sampler state)--> decode_actor.kv_first_token
+           (only for DecodeRequest.first_from_prefill: decode started with the prefill)
     router --DecodeRequest--> DecodeWorker.generate          -> returns once the request runs
     router --(parent id, DecodeRequest)--> DecodeWorker.fork  -> sample i > 0 of an ``n > 1`` request
            runs on the parent's prompt KV (no prefill, no transfer), or ForkUnavailableError
@@ -71,7 +75,9 @@ class Reservation:
     worker_id: str  # the decode worker holding the blocks
     request_id: str  # the request the blocks belong to
     block_ids: list[int]  # physical block ids in the decode worker's paged KV cache, in logical order
-    kv_endpoint: dict[str, Any] = field(default_factory=dict)  # transport-specific address info of the decode side
+    # the decode worker's actor handle: the prefill worker calls it (kv_expect, kv_receive,
+    # kv_first_token) for this request's KV and first token; the router never relays those
+    decode_actor: Any = None
 
 
 @dataclass(frozen=True)

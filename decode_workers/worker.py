@@ -133,8 +133,7 @@ class DecodeWorker(BaseWorker):
             import ray
 
             self._handle = ray.get_runtime_context().current_actor
-        endpoint = {"actor": self._handle, "transport": self.kv_config.transport, "receiver_id": self.worker_id}
-        return Reservation(self.worker_id, request_id, list(block_ids), endpoint)
+        return Reservation(self.worker_id, request_id, list(block_ids), self._handle)
 
     async def kv_prepare_pair(self, peer_id: str) -> dict[str, Any]:
         """The receiver's pair info for sender ``peer_id`` (msgpack-able; opens nothing)."""

@@ -175,7 +175,7 @@ class PrefillWorker(BaseWorker):
             future.set_result((token, block_ids))
             if req.request_id in self._first_to_decode:  # decode waits for it: hand it over now
                 self._first_to_decode.discard(req.request_id)
-                decode = self._reservations[req.request_id].kv_endpoint["actor"]
+                decode = self._reservations[req.request_id].decode_actor
                 ref = decode.kv_first_token.remote(req.request_id, token, _sampler_state(req))
                 ref.future().add_done_callback(lambda f: f.cancelled() or f.exception())  # (a gone decode: the router sees)
 
@@ -203,7 +203,7 @@ class PrefillWorker(BaseWorker):
         start = time.perf_counter()
         self._num_shipping += 1
         try:
-            decode = reservation.kv_endpoint["actor"]
+            decode = reservation.decode_actor
             peer_id = reservation.worker_id
             if len(reservation.block_ids) < len(block_ids):
                 raise KVTransferError(f"reservation has {len(reservation.block_ids)} blocks, the prompt needs "
