@@ -71,7 +71,7 @@ class PrefillWorker(BaseWorker):
         max_concurrent_sends = max(max_concurrent_sends, self.kv_config.lanes_per_pair)
         self._send_executor = ThreadPoolExecutor(max_concurrent_sends, thread_name_prefix=f"{worker_id}-kv")
         self._requests: dict[str, Request] = {}  # in the scheduler (waiting or mid-prefill)
-        self._first_token: dict[str, asyncio.Future] = {}  # -> (token_id, block_ids held for the send)
+        self._first_token: dict[str, asyncio.Future] = {}  # -> (token_id, its block ids, sampler state)
         self._aborts: set[str] = set()  # cancelled before their first token; applied between steps
         self._reservations: dict[str, Reservation] = {}  # where each queued request's KV goes
         self._ships: dict[str, asyncio.Task] = {}  # transfers streaming while the prompt's last chunk runs
@@ -97,7 +97,7 @@ class PrefillWorker(BaseWorker):
             self._first_to_decode.add(rid)
         self._notify()
         try:
-            token_id, block_ids = await future
+            token_id, block_ids, state = await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():  # token came as we were cancelled
                 self.blocks.free(future.result()[1])
@@ -110,7 +110,6 @@ class PrefillWorker(BaseWorker):
             self._first_to_decode.discard(rid)
             ship = self._ships.pop(rid, None)
         prefill_s = time.perf_counter() - start
-        state = _sampler_state(req)
         logprob = req.output_logprobs[0] if req.output_logprobs else None
         first = PrefillFirstToken(token_id, prefill_s, state, logprob)
         if ship is None and req.check_stop(self.max_model_len) is None:  # not streamed: send it now
@@ -172,11 +171,12 @@ class PrefillWorker(BaseWorker):
             if future.cancelled():
                 self.blocks.free(block_ids)
                 continue
-            future.set_result((token, block_ids))
+            state = _sampler_state(req)  # (once: for the router and, when it waits, the decode worker)
+            future.set_result((token, block_ids, state))
             if req.request_id in self._first_to_decode:  # decode waits for it: hand it over now
                 self._first_to_decode.discard(req.request_id)
                 decode = self._reservations[req.request_id].decode_actor
-                ref = decode.kv_first_token.remote(req.request_id, token, _sampler_state(req))
+                ref = decode.kv_first_token.remote(req.request_id, token, state)
                 ref.future().add_done_callback(lambda f: f.cancelled() or f.exception())  # (a gone decode: the router sees)
 
     def _apply_aborts(self) -> None:
